@@ -204,41 +204,59 @@ def create_table_sql(spec: TableSpec) -> str:
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection, cfg: WarehouseConfig | None = None) -> None:
-    """Create missing contract tables and the committed SQL views, in one transaction.
+    """Create missing contract tables and (re)create committed SQL views whose text changed.
 
-    Nothing is committed when everything already exists (no empty snapshots on every open).
+    Nothing is committed when everything is already in place (no empty snapshot per open).
     """
     cfg = cfg or WarehouseConfig()
-    have = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [ALIAS]).fetchall()}
-    views = {
-        r[0]: r[1]
+    have = {
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [ALIAS]
+        ).fetchall()
+    }
+    tables = [create_table_sql(s) for n, s in contract.TABLES.items() if n not in have]
+    if tables:
+        _retry(lambda: _transaction(con, tables), cfg.max_retries, what="creating tables")
+    stored = {
+        r[0]: _view_body(r[1])
         for r in con.execute(
             "SELECT view_name, sql FROM duckdb_views() WHERE database_name = ?", [ALIAS]
         ).fetchall()
     }
-    todo: list[str] = [create_table_sql(s) for n, s in contract.TABLES.items() if n not in have]
-    for name, sql in view_definitions().items():
-        if _norm(views.get(name, "")) != _norm(sql):
-            todo.append(f"CREATE OR REPLACE VIEW {name} AS {sql}")
-    if todo:
-        def run() -> None:
-            con.execute("BEGIN")
-            try:
-                for stmt in todo:
-                    con.execute(stmt)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-
-        _retry(run, cfg.max_retries, what="creating the warehouse schema")
+    views = [
+        f"CREATE OR REPLACE VIEW {name} AS {sql}"
+        for name, sql in view_definitions().items()
+        if stored.get(name) != _canonical_view(con, sql)
+    ]
+    if views:
+        _retry(lambda: _transaction(con, views), cfg.max_retries, what="creating views")
 
 
-def _norm(sql: str) -> str:
-    body = sql.strip().rstrip(";")
-    if body.upper().startswith("CREATE"):
-        body = body.split(" AS ", 1)[1] if " AS " in body else body
-    return " ".join(body.split())
+def _transaction(con: duckdb.DuckDBPyConnection, statements: list[str]) -> None:
+    con.execute("BEGIN")
+    try:
+        for stmt in statements:
+            con.execute(stmt)
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
+
+
+def _view_body(create_sql: str) -> str:
+    return create_sql.split(" AS ", 1)[1].strip().rstrip(";")
+
+
+def _canonical_view(con: duckdb.DuckDBPyConnection, sql: str) -> str:
+    """The SELECT as DuckDB stores it (normalised), found through a temporary probe view."""
+    con.execute(f"CREATE OR REPLACE TEMP VIEW _msm4sr_probe AS {sql}")
+    stored = con.execute(
+        "SELECT sql FROM duckdb_views() WHERE view_name = '_msm4sr_probe' AND temporary"
+    ).fetchone()[0]
+    con.execute("DROP VIEW temp.main._msm4sr_probe")
+    return _view_body(stored)
 
 
 def view_definitions() -> dict[str, str]:
