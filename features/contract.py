@@ -54,7 +54,7 @@ ITEMS = TableSpec(
             ("dataset", pa.string()),
             ("item_id", pa.string()),  # the source's id as text (MovieID, ASIN, ...)
             ("title", pa.string()),
-            ("text", pa.string()),  # all item text, cleaned; sentences are split by stage 2
+            ("text", pa.string()),  # description / body text ("" when none); title and categories are separate
             ("categories", pa.string()),  # "Action|Comedy", "Office Products > Paper", ...
             ("n_images", pa.int32()),  # rows in item_images with status ok
         ]

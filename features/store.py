@@ -345,88 +345,109 @@ def conform(spec: TableSpec, data: pa.Table | pl.DataFrame) -> pa.Table:
         raise ValueError(f"rows for {spec.name!r} do not fit the contract schema: {e}") from e
 
 
-def _write(
-    con: duckdb.DuckDBPyConnection,
-    spec: TableSpec,
-    rows: pa.Table,
-    *,
-    delete_where: str | None,
-    delete_params: list,
-    max_retries: int,
+def _merge(
+    con: duckdb.DuckDBPyConnection, spec: TableSpec, rows: pa.Table, delete_where: str | None
 ) -> WriteResult:
+    """Apply rows to spec's table inside the caller's transaction; return what changed.
+
+    Only rows that are new or differ from what is stored are merged, so an unchanged input
+    writes nothing. With `delete_where`, stored keys matching it but absent from rows go.
+    """
     key = spec.key
     on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in key)
-    nonkey = [c for c in spec.columns if c not in key]
+    cols = ", ".join(spec.columns)
     src = f"_src_{spec.name}"
-
-    def run() -> WriteResult:
-        con.register(src, rows)
-        try:
-            con.execute("BEGIN")
-            try:
-                # Only rows that are new or differ: nothing changed -> nothing committed.
+    con.register(src, rows)
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _chg AS SELECT {cols} FROM {src} "
+            f"EXCEPT SELECT {cols} FROM {spec.name}"
+            + (f" WHERE {delete_where}" if delete_where else "")
+        )
+        n_chg = con.execute("SELECT count(*) FROM _chg").fetchone()[0]
+        n_upd = con.execute(f"SELECT count(*) FROM _chg s JOIN {spec.name} t ON {on}").fetchone()[0]
+        n_del = 0
+        if delete_where is not None:
+            keys = ", ".join(key)
+            n_del = con.execute(
+                f"SELECT count(*) FROM (SELECT {keys} FROM {spec.name} WHERE {delete_where} "
+                f"EXCEPT SELECT {keys} FROM {src})"
+            ).fetchone()[0]
+            if n_del:
                 con.execute(
-                    f"CREATE OR REPLACE TEMP TABLE _chg AS SELECT {', '.join(spec.columns)} FROM {src} "
-                    f"EXCEPT SELECT {', '.join(spec.columns)} FROM {spec.name}"
-                    + (f" WHERE {delete_where}" if delete_where else "")
+                    f"DELETE FROM {spec.name} t WHERE ({delete_where}) AND NOT EXISTS "
+                    f"(SELECT 1 FROM {src} s WHERE {on})"
                 )
-                n_chg = con.execute("SELECT count(*) FROM _chg").fetchone()[0]
-                n_upd = con.execute(
-                    f"SELECT count(*) FROM _chg s JOIN {spec.name} t ON {on}"
-                ).fetchone()[0]
-                n_del = 0
-                if delete_where is not None:
-                    keys = ", ".join(key)
-                    n_del = con.execute(
-                        f"SELECT count(*) FROM (SELECT {keys} FROM {spec.name} WHERE {delete_where} "
-                        f"EXCEPT SELECT {keys} FROM {src})",
-                        delete_params,
-                    ).fetchone()[0]
-                    if n_del:
-                        con.execute(
-                            f"DELETE FROM {spec.name} t WHERE ({delete_where}) AND NOT EXISTS "
-                            f"(SELECT 1 FROM {src} s WHERE {on})",
-                            delete_params,
-                        )
-                if n_chg:
-                    sets = ", ".join(f"{c} = s.{c}" for c in nonkey) or f"{key[0]} = s.{key[0]}"
-                    con.execute(
-                        f"MERGE INTO {spec.name} t USING _chg s ON ({on}) "
-                        f"WHEN MATCHED THEN UPDATE SET {sets} "
-                        f"WHEN NOT MATCHED THEN INSERT BY NAME"
-                    )
-                if n_chg or n_del:
-                    con.execute("COMMIT")
-                else:
-                    con.execute("ROLLBACK")
-                return WriteResult(spec.name, n_chg - n_upd, n_upd, n_del)
-            except BaseException:
-                with contextlib.suppress(duckdb.Error):
-                    con.execute("ROLLBACK")
-                raise
-        finally:
-            con.unregister(src)
+        if n_chg:
+            nonkey = [c for c in spec.columns if c not in key]
+            sets = ", ".join(f"{c} = s.{c}" for c in nonkey) or f"{key[0]} = s.{key[0]}"
+            con.execute(
+                f"MERGE INTO {spec.name} t USING _chg s ON ({on}) "
+                f"WHEN MATCHED THEN UPDATE SET {sets} "
+                f"WHEN NOT MATCHED THEN INSERT BY NAME"
+            )
+        con.execute("DROP TABLE _chg")
+        return WriteResult(spec.name, n_chg - n_upd, n_upd, n_del)
+    finally:
+        con.unregister(src)
 
-    return _retry(run, max_retries, what=f"writing {spec.name}")
+
+@dataclass
+class Write:
+    """One table's part of a multi-table commit (see `write`)."""
+
+    table: str
+    rows: pa.Table | pl.DataFrame
+    # Set: make the table's rows of this dataset equal `rows` (stale keys deleted).
+    replace_dataset: str | None = None
+
+
+def write(
+    con: duckdb.DuckDBPyConnection, parts: list[Write], *, max_retries: int = 8
+) -> list[WriteResult]:
+    """Apply several table writes in ONE transaction: all land or none (a killed run leaves the
+    warehouse as it was). Commits nothing when nothing changed. Lock conflicts are retried."""
+    prepared: list[tuple[TableSpec, pa.Table, str | None]] = []
+    for part in parts:
+        spec = contract.spec(part.table)
+        data = conform(spec, part.rows)
+        _check_unique_keys(spec, data)
+        where = None
+        if part.replace_dataset is not None:
+            if not spec.per_dataset:
+                raise ValueError(f"table {spec.name!r} is not partitioned by dataset")
+            names = set(data["dataset"].to_pylist()) if data.num_rows else set()
+            if names - {part.replace_dataset}:
+                raise ValueError(
+                    f"rows for dataset {part.replace_dataset!r} carry other dataset names: {names}"
+                )
+            where = "dataset = " + _sql_literal(part.replace_dataset)
+        elif data.num_rows == 0:
+            continue
+        prepared.append((spec, data, where))
+
+    def run() -> list[WriteResult]:
+        con.execute("BEGIN")
+        try:
+            results = [_merge(con, spec, data, where) for spec, data, where in prepared]
+            con.execute("COMMIT" if any(r.changed for r in results) else "ROLLBACK")
+            return results
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                con.execute("ROLLBACK")
+            raise
+
+    if not prepared:
+        return []
+    return _retry(run, max_retries, what="writing " + ", ".join(p.table for p in parts))
 
 
 def upsert(
-    con: duckdb.DuckDBPyConnection,
-    table: str,
-    rows: pa.Table | pl.DataFrame,
-    *,
-    max_retries: int = 8,
+    con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | pl.DataFrame, *, max_retries: int = 8
 ) -> WriteResult:
-    """Insert new keys and update changed rows of `table`, in one transaction.
-
-    Rows identical to what is stored are skipped; if nothing differs, nothing is committed.
-    """
-    spec = contract.spec(table)
-    data = conform(spec, rows)
-    if data.num_rows == 0:
-        return WriteResult(spec.name)
-    _check_unique_keys(spec, data)
-    return _write(con, spec, data, delete_where=None, delete_params=[], max_retries=max_retries)
+    """Insert new keys and update changed rows of `table` in one transaction (see `write`)."""
+    res = write(con, [Write(table, rows)], max_retries=max_retries)
+    return res[0] if res else WriteResult(table)
 
 
 def replace_dataset(
@@ -437,23 +458,18 @@ def replace_dataset(
     *,
     max_retries: int = 8,
 ) -> WriteResult:
-    """Make `table`'s rows of `dataset` equal `rows`: upsert them and delete keys no longer there.
+    """Make `table`'s rows of `dataset` equal `rows` in one transaction (see `write`)."""
+    res = write(con, [Write(table, rows, replace_dataset=dataset)], max_retries=max_retries)
+    return res[0] if res else WriteResult(table)
 
-    One transaction; an unchanged dataset commits nothing.
-    """
-    spec = contract.spec(table)
-    if not spec.per_dataset:
-        raise ValueError(f"{table=} is not partitioned by dataset")
-    data = conform(spec, rows)
-    bad = pa.compute.unique(data["dataset"]).to_pylist() if data.num_rows else []
-    if any(d != dataset for d in bad):
-        raise ValueError(f"rows for {dataset=} carry other dataset names: {bad}")
-    _check_unique_keys(spec, data)
-    where = f"dataset = '{dataset.replace(chr(39), chr(39) * 2)}'"
-    return _write(con, spec, data, delete_where=where, delete_params=[], max_retries=max_retries)
+
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def _check_unique_keys(spec: TableSpec, data: pa.Table) -> None:
+    if data.num_rows == 0:
+        return
     n_keys = pl.from_arrow(data.select(list(spec.key))).n_unique()
     if n_keys != data.num_rows:
         raise ValueError(

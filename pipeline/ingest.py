@@ -1,0 +1,187 @@
+"""Ingest: a source's raw rows -> preprocessed items, interactions, item_images in the warehouse.
+
+The three data tables of a dataset are replaced in ONE transaction (a killed ingest leaves the
+previous state), and only changed rows are written: re-ingesting the same files commits no data
+snapshot. The run itself is always logged (pipeline_runs + data_report rows, one small commit).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+from tqdm import tqdm
+
+from features import store
+from features.contract import IMAGE_OK
+from features.store import WarehouseConfig, Write
+from pipeline.images import ImageConfig, ImageResult, fetch_all
+from pipeline.paths import image_cache_dir
+from pipeline.preprocess import PreprocessConfig, preprocess
+from pipeline.sources.base import RawSource, Report
+
+
+@dataclass
+class IngestSummary:
+    run_id: str
+    dataset: str
+    n_items: int
+    n_users: int
+    n_interactions: int
+    n_images: int
+    images_by_status: dict[str, int]
+    rows_changed: dict[str, int]  # table -> inserted + updated + deleted
+    seconds: float
+    snapshot_id: int
+    report: list[dict] = field(default_factory=list)
+
+
+def new_run_id(stage: str, dataset: str) -> str:
+    return f"{stage}-{dataset}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def _known_downloads(con, dataset: str) -> dict[str, ImageResult]:
+    """URL images already fetched and cached: reused, not downloaded again."""
+    rows = store.query(
+        con,
+        "SELECT uri, local_path, sha256, status, width, height, n_bytes FROM item_images "
+        "WHERE dataset = ? AND status = ? AND uri LIKE 'http%'",
+        [dataset, IMAGE_OK],
+    ).to_pylist()
+    return {
+        r["uri"]: ImageResult(r["uri"], r["local_path"], r["sha256"], r["status"], r["width"], r["height"], r["n_bytes"])
+        for r in rows
+        if r["local_path"] and Path(r["local_path"]).is_file()
+    }
+
+
+def resolve_images(
+    images: pl.DataFrame,
+    known: dict[str, ImageResult],
+    cfg: ImageConfig,
+    report: Report,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Fetch/validate/hash every image reference; rows in the item_images contract (no dataset)."""
+    uris = images["uri"].unique(maintain_order=True).to_list()
+    todo = [u for u in uris if u not in known]
+    bar = tqdm(total=len(todo), desc="images", unit="img", disable=not progress, mininterval=0.5)
+    fetched = fetch_all(todo, image_cache_dir(), cfg, on_done=lambda _r: bar.update(1))
+    bar.close()
+    by_uri = {**known, **{r.uri: r for r in fetched}}
+    res = pl.DataFrame(
+        [asdict(by_uri[u]) for u in uris],
+        schema={
+            "uri": pl.String, "local_path": pl.String, "sha256": pl.String, "status": pl.String,
+            "width": pl.Int32, "height": pl.Int32, "n_bytes": pl.Int64, "error": pl.String,
+        },
+    )
+    out = images.join(res, on="uri", how="left")
+    for status, n in Counter(out["status"].to_list()).items():
+        if status != IMAGE_OK:
+            ex = out.filter(pl.col("status") == status).row(0, named=True)
+            report.add(f"image_{status}", "kept", n, f"{ex['uri']}: {ex['error']}")
+    return out
+
+
+def ingest(
+    raw: RawSource,
+    wh: WarehouseConfig | None = None,
+    *,
+    pre: PreprocessConfig | None = None,
+    images: ImageConfig | None = None,
+    progress: bool = True,
+) -> IngestSummary:
+    """Preprocess `raw`, resolve its images and mirror the dataset into the warehouse."""
+    t0 = time.perf_counter()
+    started = datetime.now(UTC)
+    run_id = new_run_id("ingest", raw.dataset)
+    items, inter = preprocess(raw, pre)
+    img_cfg = images or ImageConfig()
+    # Images of items that were dropped (unknown / duplicate ids) are not kept.
+    imgs = raw.images.join(items.select("item_id"), on="item_id", how="semi")
+    orphan = raw.images.height - imgs.height
+    raw.report.add("image_of_unknown_item", "dropped", orphan)
+    ds = pl.lit(raw.dataset).alias("dataset")
+    with store.connect(wh) as con:
+        img_rows = resolve_images(imgs, _known_downloads(con, raw.dataset), img_cfg, raw.report, progress)
+        n_ok = img_rows.filter(pl.col("status") == IMAGE_OK).group_by("item_id").len("n_images")
+        item_rows = items.join(n_ok, on="item_id", how="left").with_columns(
+            ds, pl.col("n_images").fill_null(0).cast(pl.Int32)
+        )
+        results = store.write(
+            con,
+            [
+                Write("items", item_rows, replace_dataset=raw.dataset),
+                Write("interactions", inter.with_columns(ds), replace_dataset=raw.dataset),
+                Write("item_images", img_rows.with_columns(ds), replace_dataset=raw.dataset),
+            ],
+        )
+        snap = store.snapshot_id(con)
+        summary = IngestSummary(
+            run_id=run_id,
+            dataset=raw.dataset,
+            n_items=items.height,
+            n_users=inter["user_id"].n_unique(),
+            n_interactions=inter.height,
+            n_images=img_rows.height,
+            images_by_status=dict(Counter(img_rows["status"].to_list())),
+            rows_changed={r.table: r.inserted + r.updated + r.deleted for r in results},
+            seconds=round(time.perf_counter() - t0, 3),
+            snapshot_id=snap,
+            report=[asdict(r) for r in raw.report.rows],
+        )
+        log_run(con, run_id, "ingest", raw.dataset, started, summary_json(summary, raw.origin), snap, raw.report)
+    return summary
+
+
+def summary_json(summary: object, origin: str = "") -> str:
+    d = asdict(summary)  # type: ignore[call-overload]
+    d.pop("report", None)
+    if origin:
+        d["origin"] = origin
+    return json.dumps(d, default=str)
+
+
+def log_run(
+    con,
+    run_id: str,
+    stage: str,
+    dataset: str,
+    started: datetime,
+    summary: str,
+    snapshot_id: int,
+    report: Report,
+    status: str = "finished",
+) -> None:
+    """One pipeline_runs row and the run's data_report rows, in one commit."""
+    run = pl.DataFrame(
+        {
+            "run_id": [run_id], "stage": [stage], "dataset": [dataset], "started_at": [started],
+            "finished_at": [datetime.now(UTC)], "status": [status], "summary": [summary],
+            "snapshot_id": [snapshot_id],
+        }
+    )
+    rep = pl.DataFrame(
+        {
+            "run_id": [run_id] * len(report.rows),
+            "dataset": [dataset] * len(report.rows),
+            "stage": [stage] * len(report.rows),
+            "check_name": [r.check_name for r in report.rows],
+            "action": [r.action for r in report.rows],
+            "n": [r.n for r in report.rows],
+            "example": [r.example for r in report.rows],
+        },
+        schema={"run_id": pl.String, "dataset": pl.String, "stage": pl.String, "check_name": pl.String, "action": pl.String, "n": pl.Int64, "example": pl.String},
+    )
+    # The same check can be reported twice by one run (e.g. two files): sum them.
+    rep = rep.group_by("run_id", "dataset", "stage", "check_name", "action", maintain_order=True).agg(
+        pl.col("n").sum(), pl.col("example").first()
+    )
+    store.write(con, [Write("pipeline_runs", run), Write("data_report", rep)])

@@ -1,0 +1,71 @@
+"""PAPER.md section 5 preprocessing: >= 5 interactions per user, duplicate (user, item) pairs keep
+the last, stable time order (ties broken by source row). Every drop is counted in the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from pipeline.sources.base import RawSource, Report
+
+
+@dataclass
+class PreprocessConfig:
+    min_user_interactions: int = 5  # PAPER.md: keep users with >= 5 interactions
+
+
+def clean_items(items: pl.DataFrame, report: Report) -> pl.DataFrame:
+    """Trim text, drop rows without an id, keep the first of duplicate ids."""
+    items = items.with_columns(
+        pl.col("item_id").str.strip_chars(),
+        *(pl.col(c).fill_null("").str.strip_chars() for c in ("title", "text", "categories")),
+    )
+    no_id = items.filter(pl.col("item_id").is_null() | (pl.col("item_id") == ""))
+    report.add("item_without_id", "dropped", no_id.height, no_id.row(0) if no_id.height else "")
+    items = items.filter(pl.col("item_id").is_not_null() & (pl.col("item_id") != ""))
+    dup = items.filter(pl.col("item_id").is_duplicated())
+    first = items.unique("item_id", keep="first", maintain_order=True)
+    report.add("duplicate_item_id", "dropped", items.height - first.height, dup["item_id"][0] if dup.height else "")
+    empty = first.filter((pl.col("title") == "") & (pl.col("text") == "") & (pl.col("categories") == ""))
+    report.add("item_with_empty_text", "kept", empty.height, empty["item_id"][0] if empty.height else "")
+    repaired = first.filter(pl.concat_str("title", "text", "categories").str.contains("\ufffd", literal=True))
+    report.add("item_text_with_replaced_bytes", "repaired", repaired.height, repaired["item_id"][0] if repaired.height else "")
+    return first
+
+
+def clean_interactions(
+    inter: pl.DataFrame, item_ids: pl.Series, report: Report, cfg: PreprocessConfig
+) -> pl.DataFrame:
+    """Unknown items out, duplicates keep the last, users below the threshold out; add `seq`."""
+    known = inter.filter(pl.col("item_id").is_in(item_ids.implode()))
+    unknown = inter.height - known.height
+    if unknown:
+        ex = inter.filter(~pl.col("item_id").is_in(item_ids.implode()))["item_id"][0]
+        report.add("interaction_with_unknown_item", "dropped", unknown, ex)
+    ordered = known.sort(["user_id", "ts", "row"])
+    dedup = ordered.unique(["user_id", "item_id"], keep="last", maintain_order=True)
+    if dedup.height < ordered.height:
+        dup = ordered.filter(pl.struct("user_id", "item_id").is_duplicated()).row(0)
+        report.add("duplicate_interaction", "dropped", ordered.height - dedup.height, dup)
+    counts = dedup.group_by("user_id").len()
+    low = counts.filter(pl.col("len") < cfg.min_user_interactions)
+    if low.height:
+        report.add(
+            f"user_below_{cfg.min_user_interactions}_interactions",
+            "dropped",
+            int(low["len"].sum()),
+            f"{low.height} users, e.g. user {low['user_id'][0]}",
+        )
+    kept = dedup.join(low.select("user_id"), on="user_id", how="anti")
+    return kept.sort(["user_id", "ts", "row"]).with_columns(
+        pl.int_range(pl.len()).over("user_id").cast(pl.Int32).alias("seq")
+    )
+
+
+def preprocess(raw: RawSource, cfg: PreprocessConfig | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(items, interactions) ready for the contract (minus n_images / dataset columns)."""
+    cfg = cfg or PreprocessConfig()
+    items = clean_items(raw.items, raw.report)
+    inter = clean_interactions(raw.interactions, items["item_id"], raw.report, cfg)
+    return items, inter
