@@ -12,12 +12,11 @@ from rich.table import Table
 from features import store
 from features.store import WarehouseConfig, WarehouseError
 from pipeline.ingest import IngestSummary, ingest
-from pipeline.paths import data_root
 from pipeline.preprocess import PreprocessConfig
 from pipeline.sources.amazon import read_amazon
 from pipeline.sources.base import RawSource, SourceError
-from pipeline.sources.generic import OFFICE, ColumnMap, read_generic
-from pipeline.sources.movielens import read_movielens
+from pipeline.sources import read_source
+from pipeline.sources.generic import ColumnMap, read_generic
 from pipeline.validate import validate
 
 console = Console()
@@ -71,14 +70,7 @@ def ingest_movielens(
     min_user: MinUser = 5,
 ) -> None:
     """MovieLens in the GroupLens layout, with optional posters/<MovieID>.jpg."""
-    folder = path or data_root() / "movielens-1m"
-    if not (folder / "ratings.dat").is_file():
-        fail(
-            f"MovieLens not found at {folder}: put ratings.dat, movies.dat (and optionally "
-            f"posters/<MovieID>.jpg) there, pass the folder as PATH, or set --data / MSM4SR_DATA "
-            f"(GroupLens: https://grouplens.org/datasets/movielens/1m/)"
-        )
-    _run_ingest(lambda: read_movielens(folder, dataset), min_user)
+    _run_ingest(lambda: read_source("movielens", path, dataset), min_user)
 
 
 @ingest_app.command("amazon")
@@ -120,10 +112,7 @@ def ingest_office(
     min_user: MinUser = 5,
 ) -> None:
     """The Amazon Office text-only dataset of ../shared/datasets (generic adapter preset)."""
-    folder = path or data_root() / "amazon-office"
-    if not (folder / "interactions.csv").is_file():
-        fail(f"Amazon Office not found at {folder}: put interactions.csv and items.tsv there or pass PATH")
-    _run_ingest(lambda: read_generic(folder / "interactions.csv", folder / "items.tsv", dataset, OFFICE), min_user)
+    _run_ingest(lambda: read_source("amazon-office", path, dataset), min_user)
 
 
 def sql(
