@@ -75,8 +75,15 @@ class TextStats:
     """Counts of bad-text kinds over a batch of items (keys from BAD_KINDS)."""
 
     counts: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)  # kind -> first offending value
     n_items: int = 0
     n_sentences: int = 0
+
+    def hit(self, kind: str, example: str | None) -> None:
+        """Count one case of `kind`, keeping the first example (clipped to 200 characters)."""
+        self.counts[kind] += 1
+        if kind not in self.examples:
+            self.examples[kind] = repr(example)[:200]
 
     def as_dict(self) -> dict[str, int]:
         return {k: int(self.counts.get(k, 0)) for k in BAD_KINDS}
@@ -142,29 +149,29 @@ def clean_text(s: str | None, stats: TextStats, *, keep_breaks: bool = False) ->
     With keep_breaks, paragraph-like breaks (newlines, block tags) survive as "\\n" so the
     sentence splitter can use them; otherwise all whitespace runs become one space.
     """
-    c = stats.counts
+    raw = s
     if s is None or s == "":
-        c[EMPTY] += 1
+        stats.hit(EMPTY, s)
         return ""
     if "\ufffd" in s:
-        c[REPLACEMENT_CHAR] += 1
+        stats.hit(REPLACEMENT_CHAR, raw)
         s = s.replace("\ufffd", " ")
     fixed = _repair_mojibake(s)
     if fixed is not None:
-        c[MOJIBAKE] += 1
+        stats.hit(MOJIBAKE, raw)
         s = fixed
     if "<" in s and (_TAG.search(s) or _SCRIPT.search(s)):
-        c[HTML] += 1
+        stats.hit(HTML, raw)
         s = _SCRIPT.sub(" ", s)
         s = _BLOCK_TAG.sub("\n", s)
         s = _TAG.sub(" ", s)
         s = html.unescape(s)
     elif "&" in s and _ENTITY.search(s):
-        c[HTML] += 1
+        stats.hit(HTML, raw)
         s = html.unescape(s)
     s = unicodedata.normalize("NFC", s)
     if _INVISIBLE.search(s) or any(_is_control(ch) for ch in s):
-        c[CONTROL_CHARS] += 1
+        stats.hit(CONTROL_CHARS, raw)
         s = _INVISIBLE.sub("", s)
         s = "".join(" " if _is_control(ch) else ch for ch in s)
     if keep_breaks:
@@ -173,19 +180,21 @@ def clean_text(s: str | None, stats: TextStats, *, keep_breaks: bool = False) ->
     else:
         out = _SPACE.sub(" ", s).strip()
     if not out:
-        c[WHITESPACE_ONLY] += 1
+        stats.hit(WHITESPACE_ONLY, raw)
         return ""
     if _EMOJI.search(out):
-        c[EMOJI] += 1
+        stats.hit(EMOJI, raw)
     if _has_non_latin(out):
-        c[NON_LATIN] += 1
+        stats.hit(NON_LATIN, raw)
     return out
 
 
 # --------------------------------------------------------------------------- splitting
 
 _ARTICLES = "The|A|An|Les|La|Le|L'|Il|El|Lo|Los|Las|Das|Die|Der|Det|Den|De|Un|Une|O|Os"
-_TRAILING_ARTICLE = re.compile(rf"^(?P<head>[^(]+?), (?P<art>{_ARTICLES})(?P<rest>(?: \([^()]*\))*)$")
+_TRAILING_ARTICLE = re.compile(
+    rf"^(?P<head>[^(]+?), (?P<art>{_ARTICLES})(?P<rest>(?: \([^()]*\))*)$"
+)
 # Sentence end: . ! ? or … (plus closing quotes/brackets) then whitespace; CJK full stops
 # end a sentence without whitespace.
 _SENT_END = re.compile(r"(?<=[.!?\u2026])[\"'\u201d\u2019)\]]*\s+|(?<=[\u3002\uff01\uff1f])\s*")
@@ -234,7 +243,7 @@ def split_sentences(text: str) -> list[str]:
 def _clip(s: str, limit: int, stats: TextStats) -> str:
     if len(s) <= limit:
         return s
-    stats.counts[SENTENCE_CLIPPED] += 1
+    stats.hit(SENTENCE_CLIPPED, s)
     cut = s.rfind(" ", 0, limit + 1)
     return s[: cut if cut > limit // 2 else limit].rstrip()
 
@@ -277,7 +286,7 @@ def item_sentences(
 
     raw = text
     if raw is not None and len(raw) > cfg.max_text_chars:
-        stats.counts[LONG_TEXT] += 1
+        stats.hit(LONG_TEXT, raw[:100] + "...")
         raw = raw[: cfg.max_text_chars]
     body = clean_text(raw, stats, keep_breaks=True)
     # Text that starts with the (raw or fixed) title: drop that prefix, keep what follows.
@@ -294,7 +303,7 @@ def item_sentences(
     def add(s: str) -> bool:
         key = _norm(s) or s
         if key in seen:
-            stats.counts[DUPLICATE] += 1
+            stats.hit(DUPLICATE, s)
             return False
         seen.add(key)
         out.append(s)
@@ -304,23 +313,23 @@ def item_sentences(
         add(t)
     cat_key = _norm(cat) if cat else None
     if cat_key and cat_key in seen:  # categories equal to the title
-        stats.counts[DUPLICATE] += 1
+        stats.hit(DUPLICATE, cat)
         cat, cat_key = "", None
     if cat_key:
         seen.add(cat_key)  # so a description repeating the categories is a duplicate
     room = cfg.max_sentences - len(out) - (1 if cat else 0)
     for s in desc:
         if _norm(s.replace("|", " ")) == cat_key:
-            stats.counts[DUPLICATE] += 1
+            stats.hit(DUPLICATE, s)
             continue
         if room <= 0:
-            stats.counts[OVER_CAP] += 1
+            stats.hit(OVER_CAP, s)
             continue
         if add(s):
             room -= 1
     if cat:
         out.append(cat)
     if not out:
-        stats.counts[NO_SENTENCE] += 1
+        stats.hit(NO_SENTENCE, f"title={title!r} text={str(text)[:80]!r}")
     stats.n_sentences += len(out)
     return out
