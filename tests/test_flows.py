@@ -75,7 +75,8 @@ def test_killed_tagging_leaves_warehouse_consistent_and_rerun_completes(env_wh: 
     from pipeline.ingest import ingest
     from pipeline.sources.movielens import read_movielens
 
-    src = write_ml_cut(tmp_path / "ml", range(1, 201), max_ratings=2000)
+    # ~1,200 real posters: tagging takes several seconds even on a fast machine
+    src = write_ml_cut(tmp_path / "ml", range(1, 1251), max_ratings=5000)
     ingest(read_movielens(src, "cut"), env_wh, progress=False)
     env = dict(os.environ)
     # small chunks so the kill lands between commits, after some rows are in
