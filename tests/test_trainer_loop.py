@@ -1,0 +1,260 @@
+"""Trainer runs on a real (small) warehouse: logging, resume, inductive scoring, CLI, learning."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from features import store
+from tests.trainer_fixtures import ML_CUT, OFFICE_CUT, warehouse_copy
+from trainer.config import Config, merge
+from trainer.loop import evaluate_run, finetune, pretrain, recommend
+
+QUICK = {"batch_size": 64, "max_epochs": 2}
+
+
+def _cfg(dataset: str = ML_CUT, **sections: dict) -> Config:
+    base = {
+        "data": {"dataset": dataset},
+        "pretrain": dict(QUICK),
+        "finetune": dict(QUICK),
+        "runtime": {"progress": False, "device": "cpu"},
+    }
+    for k, v in sections.items():
+        base.setdefault(k, {}).update(v)
+    return merge(Config(), base)
+
+
+@pytest.fixture(scope="module")
+def wh(tmp_path_factory):
+    return warehouse_copy(tmp_path_factory.mktemp("loop") / "wh")
+
+
+@pytest.fixture(scope="module")
+def trained(wh):
+    """One pre-training and one transductive fine-tuning run from it, 2 epochs each."""
+    cfg = _cfg()
+    pre = pretrain(cfg, wh)
+    ft = finetune(cfg, wh, from_run=pre.run_id)
+    return cfg, pre, ft
+
+
+def test_runs_and_metrics_are_logged(wh, trained) -> None:
+    cfg, pre, ft = trained
+    with store.connect(wh, create=False, read_only=True) as con:
+        runs = {r["run_id"]: r for r in store.read_table(con, "runs").to_pylist()}
+        metrics = store.query(
+            con, "SELECT * FROM metrics WHERE run_id = ?", [ft.run_id]
+        ).to_pylist()
+        pre_metrics = store.query(
+            con, "SELECT metric FROM metrics WHERE run_id = ? AND split = 'train'", [pre.run_id]
+        ).to_pylist()
+    p, f = runs[pre.run_id], runs[ft.run_id]
+    assert (p["kind"], p["status"], f["kind"], f["status"]) == (
+        "pretrain",
+        "finished",
+        "finetune",
+        "finished",
+    )
+    assert f["parent_run_id"] == pre.run_id and f["model"] == "M2SE-transductive"
+    assert p["snapshot_id"] == f["snapshot_id"] and p["seed"] == 2020 and len(p["git_commit"]) >= 7
+    conf = json.loads(f["config"])
+    assert (
+        conf["data"]["encoder_version"]
+        and conf["data"]["tagger_version"]
+        and conf["finetune"]["max_epochs"] == 2
+    )
+    pop = runs[f"{ft.run_id}-popularity"]
+    assert pop["kind"] == "baseline" and pop["parent_run_id"] == ft.run_id
+    assert {"loss", "loss_nip_text", "loss_nip_image", "loss_cmcl", "samples_per_s"} <= {
+        r["metric"] for r in pre_metrics
+    }
+    keys = {(r["epoch"], r["split"], r["subset"], r["metric"]) for r in metrics}
+    assert {
+        (1, "train", "all", "loss_ce"),
+        (2, "valid", "all", "Recall@20"),
+        (-1, "test", "all", "NDCG@10"),
+        (-1, "test", "all", "MRR@50"),
+    } <= keys
+    # The CSV beside the checkpoint holds the same rows.
+    with open(ft.checkpoint_dir / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(int(r["epoch"]), r["split"], r["subset"], r["metric"]) for r in rows} == keys
+    assert (ft.checkpoint_dir / "last.pt").is_file() and (ft.checkpoint_dir / "best.pt").is_file()
+    assert str(ft.checkpoint_dir).startswith(str(wh.root))
+
+
+def test_evaluate_reproduces_the_final_metrics_and_recommend_prints_titles(wh, trained) -> None:
+    _, _, ft = trained
+    ev = evaluate_run(ft.run_id, wh)
+    assert ev.test["all"] == pytest.approx(ft.test["all"])
+    assert ev.popularity["test"]["all"]["NDCG@10"] == pytest.approx(
+        ft.popularity["test"]["all"]["NDCG@10"]
+    )
+    with store.connect(wh, create=False, read_only=True) as con:
+        user, seen = (
+            "10",
+            {
+                r["item_id"]
+                for r in store.query(
+                    con,
+                    "SELECT item_id FROM interactions WHERE dataset = ? AND user_id = '10'",
+                    [ML_CUT],
+                ).to_pylist()
+            },
+        )
+        titles = {
+            r["item_id"]: r["title"]
+            for r in store.query(
+                con, "SELECT item_id, title FROM items WHERE dataset = ?", [ML_CUT]
+            ).to_pylist()
+        }
+    recs = recommend(ft.run_id, user, 5, wh)
+    assert len(recs) == 5 and all(
+        r.item_id not in seen and r.title == titles[r.item_id] for r in recs
+    )
+    assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
+
+
+def test_resume_after_a_kill_ends_with_the_same_metrics(tmp_path: Path) -> None:
+    wh = warehouse_copy(tmp_path / "wh")
+    cfg = _cfg(pretrain={"max_epochs": 3})
+    full = pretrain(cfg, wh)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_2(epoch: int) -> None:
+        if epoch == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(cfg, wh, on_epoch_end=kill_after_2)
+    with store.connect(wh, create=False, read_only=True) as con:
+        failed = store.query(con, "SELECT run_id FROM runs WHERE status = 'failed'").to_pylist()
+    assert len(failed) == 1
+    resumed = pretrain(cfg, wh, resume=failed[0]["run_id"])
+    assert resumed.run_id == failed[0]["run_id"] and resumed.epochs_run == 3
+    assert resumed.best_epoch == full.best_epoch
+    assert resumed.valid["all"] == full.valid["all"]  # bit-identical on CPU
+    assert resumed.test["all"] == full.test["all"]
+    with store.connect(wh, create=False, read_only=True) as con:
+
+        def losses(run: str) -> list:
+            return store.query(
+                con,
+                "SELECT epoch, value FROM metrics WHERE run_id = ? AND metric = 'loss' ORDER BY epoch",
+                [run],
+            ).to_pylist()
+
+        assert losses(resumed.run_id) == losses(full.run_id)
+        status = store.query(
+            con, "SELECT status FROM runs WHERE run_id = ?", [resumed.run_id]
+        ).to_pylist()
+    assert status == [{"status": "finished"}]
+
+
+def test_inductive_finetune_on_a_text_only_dataset(tmp_path: Path) -> None:
+    wh = warehouse_copy(tmp_path / "wh")
+    cfg = _cfg(OFFICE_CUT, finetune={"transductive": False, "max_epochs": 1})
+    ft = finetune(cfg, wh)  # from scratch
+    pt = torch.load(ft.checkpoint_dir / "best.pt", weights_only=False)
+    assert not any(k.startswith("item_embedding") for k in pt["model"])
+    assert 0.0 <= ft.test["all"]["Recall@50"] <= 1.0
+    assert "cold" in ft.test and ft.test["cold"]["n_cases"] > 0
+
+
+def test_cli_pretrain_finetune_recommend(tmp_path: Path) -> None:
+    from flows.cli import build
+
+    wh = warehouse_copy(tmp_path / "wh")
+    app = build()
+    runner = CliRunner()
+    common = ["--warehouse", str(wh.root)]
+    r = runner.invoke(
+        app,
+        [
+            *common,
+            "pretrain",
+            "--dataset",
+            ML_CUT,
+            "--max-epochs",
+            "1",
+            "--batch-size",
+            "64",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    with store.connect(wh, create=False, read_only=True) as con:
+        pre = store.query(con, "SELECT run_id FROM runs WHERE kind = 'pretrain'").to_pylist()[0][
+            "run_id"
+        ]
+    assert pre in r.output and "popularity" in r.output
+    r = runner.invoke(
+        app,
+        [
+            *common,
+            "finetune",
+            "--from",
+            pre,
+            "--dataset",
+            ML_CUT,
+            "--set",
+            "finetune.max_epochs=1",
+            "--set",
+            "finetune.batch_size=64",
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    with store.connect(wh, create=False, read_only=True) as con:
+        ft = store.query(con, "SELECT run_id FROM runs WHERE kind = 'finetune'").to_pylist()[0][
+            "run_id"
+        ]
+    r = runner.invoke(app, [*common, "recommend", "--run", ft, "--user", "10", "-k", "3"])
+    assert r.exit_code == 0, r.output
+    assert "(19" in r.output  # MovieLens titles carry their year
+    r = runner.invoke(
+        app, [*common, "finetune", "--from", "no-such-run", "--dataset", ML_CUT, "--no-progress"]
+    )
+    assert r.exit_code == 2 and "no-such-run" in r.output
+
+
+@pytest.mark.slow  # covered by bench/trainer.py (quality section)
+def test_overfits_fifty_sequences(tmp_path: Path) -> None:
+    """End-to-end learning check: 50 users' sequences are memorised (train targets ranked near top)."""
+    import numpy as np
+
+    from trainer.data import load_dataset
+    from trainer.loop import Trainer
+
+    wh = warehouse_copy(tmp_path / "wh")
+    cfg = _cfg(
+        finetune={
+            "max_epochs": 60,
+            "lr": 3e-3,
+            "weight_decay": 0.0,
+            "batch_size": 50,
+            "patience": 1000,
+        },
+        model={"hidden_dropout": 0.0, "attn_dropout": 0.0, "adaptor_dropout": 0.0},
+    )
+    data = load_dataset(cfg.data, wh)
+    keep = np.arange(50)
+    seqs = [data.user_items(u) for u in keep]
+    data.offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+    data.items = np.concatenate(seqs)
+    data.user_ids = [data.user_ids[u] for u in keep]
+    tr = Trainer(cfg, data, "finetune", wh)
+    first = tr.train_epoch(1)["loss"]
+    for e in range(2, 61):
+        last = tr.train_epoch(e)["loss"]
+    assert last < 0.2 * first

@@ -1,0 +1,285 @@
+"""Typed configuration of the trainer: one dataclass per component, defaults from PAPER.md.
+
+A run is described by one `Config` (data, model, pretrain, finetune, eval, runtime). It is loaded
+at the entry point from an optional YAML file plus flags, passed down, and saved with every
+checkpoint and every `runs` row (`asdict(cfg)` as JSON).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SAMPLE_MODES = ("all_positions", "every_prefix")
+# Input sequences per batch by sample mode (see TrainConfig.batch_size).
+DEFAULT_BATCH = {"every_prefix": 1024, "all_positions": 256}
+MODALITIES = ("both", "text", "image")
+AMP_MODES = ("auto", "bf16", "off")
+POOL_ACTS = ("relu", "tanh")
+
+
+@dataclass
+class DataConfig:
+    """Which data a run reads."""
+
+    # Dataset name in the warehouse (`items.dataset`).
+    dataset: str = "ml-1m"
+    # encoder_version of the text (and keyword) vectors; None = the latest present for the
+    # dataset (model_versions.created_at).
+    encoder_version: str | None = None
+    # tagger_version of the image keywords; None = the latest present for the dataset.
+    tagger_version: str | None = None
+    # Warehouse snapshot to read; None = the latest at the start of the run (then recorded).
+    snapshot: int | None = None
+    # Items per user sequence fed to the encoder (the last [50]).
+    max_len: int = 50
+    # Vectors kept per item and modality (sentences / images) [10].
+    max_slots: int = 10
+
+
+@dataclass
+class M2SEConfig:
+    """The Multimodal Mixup Sequence Encoder (PAPER.md section 2)."""
+
+    # Hidden size h of the adaptor outputs and the Transformer [64].
+    hidden_size: int = 64
+    # Transformer layers [2].
+    n_layers: int = 2
+    # Attention heads [2].
+    n_heads: int = 2
+    # Feed-forward inner size [256].
+    inner_size: int = 256
+    # Dropout on embeddings, attention outputs and feed-forward outputs [0.2].
+    hidden_dropout: float = 0.2
+    # Dropout on attention probabilities [0.2].
+    attn_dropout: float = 0.2
+    # LayerNorm epsilon (RecBole / the original code use 1e-12).
+    layer_norm_eps: float = 1e-12
+    # Std of the normal init of linear and embedding weights (RecBole: 0.02).
+    initializer_range: float = 0.02
+    # Hidden units of the per-item attention pooler Linear(d, 64) -> act -> Linear(64, 1).
+    pool_hidden: int = 64
+    # Activation of the pooler: "relu" (the original's VanillaAttention) or "tanh".
+    pool_act: str = "relu"
+    # Experts of the MoE adaptor per modality [8].
+    n_experts: int = 8
+    # Dropout inside each expert, Linear -> Dropout -> LayerNorm [0.2].
+    adaptor_dropout: float = 0.2
+    # Item drop (pre-training only): p ~ U(0, item_drop_max) per batch; 0 switches it off [0.2].
+    item_drop_max: float = 0.2
+    # Complementary sequence mixup (pre-training only): p ~ U(0, mixup_max) per batch [0.5].
+    mixup_max: float = 0.5
+    # Mixup on/off (ablation "mixup off").
+    mixup: bool = True
+    # "both", or a single modality for the ablations "text only" / "image only".
+    modalities: str = "both"
+
+    def __post_init__(self) -> None:
+        if self.modalities not in MODALITIES:
+            raise ValueError(f"modalities={self.modalities!r} is not one of {MODALITIES}")
+        if self.pool_act not in POOL_ACTS:
+            raise ValueError(f"pool_act={self.pool_act!r} is not one of {POOL_ACTS}")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by n_heads={self.n_heads}"
+            )
+        for name in (
+            "item_drop_max",
+            "mixup_max",
+            "hidden_dropout",
+            "attn_dropout",
+            "adaptor_dropout",
+        ):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name}={v} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (pre-training or fine-tuning); `Config` holds one of each."""
+
+    # Adam learning rate [1e-3 pre-training, 1e-4 fine-tuning].
+    lr: float = 1e-3
+    # Adam weight decay (L2, as RecBole's Adam) [0 pre-training, 1e-3 fine-tuning].
+    weight_decay: float = 0.0
+    # Input sequences per batch; None = the sample mode's default: every_prefix 1024 prefixes
+    # (PAPER.md [1024], one target each), all_positions 256 windows (each up to max_len
+    # targets: ~11k targets per step on ML-1M; chosen for speed and memory, see bench/trainer.py).
+    batch_size: int | None = None
+    # Maximum epochs [300].
+    max_epochs: int = 300
+    # Early stopping: epochs without a better validation Recall@20 before stopping [20].
+    patience: int = 20
+    # Metric watched for early stopping and best-checkpoint selection.
+    valid_metric: str = "Recall@20"
+    # Gradient-norm clip [5].
+    clip_norm: float = 5.0
+    # Seed of every random draw (init, order, dropout, drop / mixup) [2020].
+    seed: int = 2020
+    # InfoNCE / softmax temperature tau [0.07].
+    tau: float = 0.07
+    # "all_positions": every position of a train window in one causal pass (fast, same
+    # targets); "every_prefix": one sample per prefix, as the paper.
+    sample_mode: str = "all_positions"
+    # Pre-training only: weight lambda of CMCL [0.01].
+    cmcl_weight: float = 0.01
+    # Pre-training only: CMCL on/off (ablation "CMCL off").
+    cmcl: bool = True
+    # Pre-training, all_positions only: rows of the CMCL similarity matrix per batch (random
+    # target positions; the paper's batch has 1024 rows).
+    cmcl_rows: int = 1024
+    # Fine-tuning only: True = transductive (trainable item-ID embedding), False = inductive.
+    transductive: bool = True
+    # Logits of a softmax computed per block (bounded memory: rows per block = this // items).
+    loss_block: int = 1 << 22
+
+    def __post_init__(self) -> None:
+        if self.sample_mode not in SAMPLE_MODES:
+            raise ValueError(f"sample_mode={self.sample_mode!r} is not one of {SAMPLE_MODES}")
+        for name in ("lr", "tau", "batch_size", "max_epochs", "loss_block", "cmcl_rows"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name}={v} must be > 0")
+
+    @property
+    def batch(self) -> int:
+        """batch_size, or the sample mode's default."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return DEFAULT_BATCH[self.sample_mode]
+
+
+def pretrain_defaults() -> TrainConfig:
+    """PAPER.md section 3: Adam lr 1e-3, no weight decay."""
+    return TrainConfig(lr=1e-3, weight_decay=0.0)
+
+
+def finetune_defaults() -> TrainConfig:
+    """PAPER.md section 4: Adam lr 1e-4, weight decay 1e-3."""
+    return TrainConfig(lr=1e-4, weight_decay=1e-3)
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking evaluation (PAPER.md section 5)."""
+
+    # Cut-offs of Recall / NDCG / MRR.
+    ks: tuple[int, ...] = (5, 10, 20, 50)
+    # Remove the user's history items from the ranking (the paper does not; recorded).
+    exclude_history: bool = False
+    # Cold-start subset: test cases whose target has at most this many train interactions.
+    cold_threshold: int = 5
+    # Users scored per matrix product.
+    user_batch: int = 512
+    # Items scored per matrix product (bounded memory for millions of items).
+    item_chunk: int = 65536
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how a run executes; nothing here changes the numbers on one device."""
+
+    # "auto" (cuda when available), "cpu", "cuda", "cuda:1"...
+    device: str = "auto"
+    # Mixed precision: "auto" = bf16 autocast on cuda only, "bf16" = also on CPU, "off".
+    amp: str = "auto"
+    # torch CPU threads; 0 keeps torch's default.
+    threads: int = 0
+    # Progress bars on stderr.
+    progress: bool = True
+    # Checkpoint root; None = <warehouse root>/checkpoints.
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp={self.amp!r} is not one of {AMP_MODES}")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved with every checkpoint and `runs` row."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: M2SEConfig = field(default_factory=M2SEConfig)
+    pretrain: TrainConfig = field(default_factory=pretrain_defaults)
+    finetune: TrainConfig = field(default_factory=finetune_defaults)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """Build from nested dicts (YAML / JSON); an unknown section or key raises naming it."""
+        cfg = cls()
+        return merge(cfg, d)
+
+
+def _build(section_cls: type, current: Any, values: dict[str, Any], where: str) -> Any:
+    names = {f.name: f for f in fields(section_cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in config section {where!r}; known: {sorted(names)}"
+        )
+    kw = asdict(current)
+    for k, v in values.items():
+        if k == "ks" and v is not None:
+            v = tuple(int(x) for x in v)
+        kw[k] = v
+    return section_cls(**kw)
+
+
+def merge(cfg: Config, d: dict[str, Any]) -> Config:
+    """A copy of `cfg` with the nested values of `d` applied (validated by the dataclasses)."""
+    sections = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(d) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; known: {sorted(sections)}")
+    out = copy.deepcopy(cfg)
+    for name, values in d.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {name!r} must be a mapping, got {values!r}")
+        current = getattr(cfg, name)
+        setattr(out, name, _build(type(current), current, values, name))
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """`section.key=value` (value parsed as YAML: numbers, true/false, null) -> nested dict."""
+    import yaml
+
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ValueError(
+            f"override {item!r} is not of the form section.key=value (e.g. pretrain.lr=0.001)"
+        )
+    key, raw = item.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    return {section: {name: yaml.safe_load(raw)}}
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"config file {path} must hold a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def config_from_json(text: str) -> Config:
+    return Config.from_dict(json.loads(text))
