@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,11 +28,11 @@ COMMAND_MODULES = ["flows.cli_data", "flows.cli_embed", "flows.cli_train", "flow
 @app.callback()
 def _global(
     warehouse: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="warehouse folder (catalog.sqlite + data/); env MSM4SR_WAREHOUSE"),
     ] = None,
     data: Annotated[
-        Optional[Path], typer.Option(help="raw data folder; env MSM4SR_DATA; default ./data")
+        Path | None, typer.Option(help="raw data folder; env MSM4SR_DATA; default ./data")
     ] = None,
 ) -> None:
     if warehouse is not None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -13,13 +14,14 @@ from features import store
 from features.store import WarehouseConfig, WarehouseError
 from pipeline.ingest import IngestSummary, ingest
 from pipeline.preprocess import PreprocessConfig
+from pipeline.sources import read_source
 from pipeline.sources.amazon import read_amazon
 from pipeline.sources.base import RawSource, SourceError
-from pipeline.sources import read_source
 from pipeline.sources.generic import ColumnMap, read_generic
 from pipeline.validate import validate
 
-console = Console()
+# Wide tables when the output is a file or a pipe (rich would wrap at 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
 ingest_app = typer.Typer(help="Load a raw dataset into the warehouse (items, interactions, item_images).", no_args_is_help=True)
@@ -65,7 +67,7 @@ def _run_ingest(load, min_user: int) -> IngestSummary:
 
 @ingest_app.command("movielens")
 def ingest_movielens(
-    path: Annotated[Optional[Path], typer.Argument(help="folder with ratings.dat, movies.dat, posters/ (default: DATA/movielens-1m)")] = None,
+    path: Annotated[Path | None, typer.Argument(help="folder with ratings.dat, movies.dat, posters/ (default: DATA/movielens-1m)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "ml-1m",
     min_user: MinUser = 5,
 ) -> None:
@@ -91,13 +93,13 @@ def ingest_generic(
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")],
     user_col: str = "user_id",
     item_col: str = "item_id",
-    ts_col: Optional[str] = "timestamp",
-    rating_col: Optional[str] = None,
+    ts_col: str | None = "timestamp",
+    rating_col: str | None = None,
     item_key_col: str = "item_id",
-    title_col: Optional[str] = "title",
-    text_col: Optional[str] = None,
-    categories_col: Optional[str] = None,
-    images_col: Annotated[Optional[str], typer.Option(help="column of image paths/URLs, '|'-separated")] = None,
+    title_col: str | None = "title",
+    text_col: str | None = None,
+    categories_col: str | None = None,
+    images_col: Annotated[str | None, typer.Option(help="column of image paths/URLs, '|'-separated")] = None,
     min_user: MinUser = 5,
 ) -> None:
     """Any interactions file + items file with a column mapping."""
@@ -107,7 +109,7 @@ def ingest_generic(
 
 @ingest_app.command("amazon-office")
 def ingest_office(
-    path: Annotated[Optional[Path], typer.Argument(help="folder with interactions.csv, items.tsv (default: DATA/amazon-office)")] = None,
+    path: Annotated[Path | None, typer.Argument(help="folder with interactions.csv, items.tsv (default: DATA/amazon-office)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "amazon-office",
     min_user: MinUser = 5,
 ) -> None:
@@ -134,7 +136,6 @@ def sql(
         fail(f"{type(e).__name__}: {e}")
     if csv:
         import csv as _csv
-        import sys
 
         w = _csv.writer(sys.stdout)
         w.writerow(cols)

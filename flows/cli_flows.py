@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 import yaml
@@ -32,8 +32,8 @@ def _load_yaml(path: Path | None) -> dict[str, Any]:
 
 def features(
     source: Annotated[str, typer.Option(help="movielens | amazon-office")] = "movielens",
-    path: Annotated[Optional[Path], typer.Option(help="source folder (default: under the data root)")] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="dataset name (default per source)")] = None,
+    path: Annotated[Path | None, typer.Option(help="source folder (default: under the data root)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset name (default per source)")] = None,
     tag: Annotated[bool, typer.Option(help="run stage 1 (image tagging)")] = True,
     embed: Annotated[bool, typer.Option(help="run stage 2 (BERT embedding)")] = True,
 ) -> None:
@@ -73,8 +73,8 @@ def print_metrics(evaluate_run: str, ks: tuple[int, ...] = (10, 20)) -> None:
 
 def demo(
     full: Annotated[bool, typer.Option(help="full training budget (PAPER.md: up to 300 epochs, patience 20)")] = False,
-    pretrain_epochs: Annotated[Optional[int], typer.Option(help="override the pre-training epochs")] = None,
-    finetune_epochs: Annotated[Optional[int], typer.Option(help="override the fine-tuning epochs")] = None,
+    pretrain_epochs: Annotated[int | None, typer.Option(help="override the pre-training epochs")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="override the fine-tuning epochs")] = None,
     user: Annotated[str, typer.Option(help="user to recommend for at the end")] = "1",
 ) -> None:
     """The main job: features + training on MovieLens-1M with posters, then metrics and recommendations."""
@@ -111,11 +111,11 @@ def demo(
 
 
 def serve(
-    config: Annotated[Optional[Path], typer.Option(help="YAML with a `schedules:` section (keys as these options, _ for -)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML with a `schedules:` section (keys as these options, _ for -)")] = None,
     features_cron: Annotated[str, typer.Option(help="cron of the features flow")] = "0 * * * *",
     train_cron: Annotated[str, typer.Option(help="cron of the train flow")] = "0 3 * * *",
     source: Annotated[str, typer.Option(help="source of the features flow")] = "movielens",
-    path: Annotated[Optional[str], typer.Option(help="source folder (default: under the data root)")] = None,
+    path: Annotated[str | None, typer.Option(help="source folder (default: under the data root)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset of both flows")] = "ml-1m",
     tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
     embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,

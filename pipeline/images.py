@@ -115,7 +115,7 @@ def _download(url: str, cfg: ImageConfig) -> bytes:
         raise
     except http.client.IncompleteRead as e:
         raise _Transient(f"truncated download: {len(e.partial)} bytes") from e
-    except (TimeoutError, socket.timeout, ConnectionError) as e:
+    except (TimeoutError, ConnectionError) as e:
         raise _Transient(f"{type(e).__name__}: {e}") from e
     except urllib.error.URLError as e:
         if isinstance(e.reason, (TimeoutError, socket.timeout, ConnectionError)):

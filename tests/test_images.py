@@ -5,7 +5,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from features.contract import IMAGE_CORRUPT, IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE, IMAGE_UNSUPPORTED
+from features.contract import (
+    IMAGE_CORRUPT,
+    IMAGE_MISSING,
+    IMAGE_OK,
+    IMAGE_TOO_LARGE,
+    IMAGE_UNSUPPORTED,
+)
 from pipeline.images import ImageConfig, fetch_all, fetch_one
 from tests.helpers import http_server, jpeg_bytes, png_bytes
 

@@ -133,7 +133,8 @@ def test_generic_items_with_duplicates_and_invalid_utf8(tmp_path: Path, wh: Ware
 
 def test_generic_reads_amazon_office(wh: WarehouseConfig) -> None:
     from pipeline.sources.generic import OFFICE
-    from tests.conftest import OFFICE as OFFICE_DIR, require
+    from tests.conftest import OFFICE as OFFICE_DIR
+    from tests.conftest import require
 
     d = require(OFFICE_DIR)
     raw = read_generic(d / "interactions.csv", d / "items.tsv", "amazon-office", OFFICE)

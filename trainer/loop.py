@@ -631,6 +631,23 @@ def _data_for(cfg: Config, wh: WarehouseConfig | None) -> SeqDataset:
     return load_dataset(cfg.data, wh, cfg.model.modalities)
 
 
+def _resume(
+    run_id: str,
+    stage: str,
+    cfg: Config,
+    wh: WarehouseConfig | None,
+    on_epoch_end: Callable[[int], None] | None,
+) -> RunResult:
+    """Continue run `run_id` from its last.pt with the config and data it started with."""
+    st = _load_checkpoint(run_id, cfg, wh, "last.pt")
+    cfg = Config.from_dict(st["config"])
+    data = _data_for(cfg_at(cfg, st["data"]), wh)
+    tr = Trainer(
+        cfg, data, stage, wh, run_id=run_id, parent_run_id=st["parent_run_id"], on_epoch_end=on_epoch_end
+    )
+    return tr.fit(resume=True)
+
+
 def pretrain(
     cfg: Config,
     wh: WarehouseConfig | None = None,
@@ -640,19 +657,7 @@ def pretrain(
 ) -> RunResult:
     """Pre-train M2SE on cfg.data.dataset (or resume run `resume`)."""
     if resume:
-        st = _load_checkpoint(resume, cfg, wh, "last.pt")
-        cfg = Config.from_dict(st["config"])
-        data = _data_for(cfg_at(cfg, st["data"]), wh)
-        tr = Trainer(
-            cfg,
-            data,
-            "pretrain",
-            wh,
-            run_id=resume,
-            parent_run_id=st["parent_run_id"],
-            on_epoch_end=on_epoch_end,
-        )
-        return tr.fit(resume=True)
+        return _resume(resume, "pretrain", cfg, wh, on_epoch_end)
     data = _data_for(cfg, wh)
     return Trainer(cfg, data, "pretrain", wh, on_epoch_end=on_epoch_end).fit()
 
@@ -683,19 +688,7 @@ def finetune(
 ) -> RunResult:
     """Fine-tune from pre-trained run `from_run` (None: from scratch), or resume run `resume`."""
     if resume:
-        st = _load_checkpoint(resume, cfg, wh, "last.pt")
-        cfg = Config.from_dict(st["config"])
-        data = _data_for(cfg_at(cfg, st["data"]), wh)
-        tr = Trainer(
-            cfg,
-            data,
-            "finetune",
-            wh,
-            run_id=resume,
-            parent_run_id=st["parent_run_id"],
-            on_epoch_end=on_epoch_end,
-        )
-        return tr.fit(resume=True)
+        return _resume(resume, "finetune", cfg, wh, on_epoch_end)
     weights = None
     if from_run:
         parent = _load_checkpoint(from_run, cfg, wh)
