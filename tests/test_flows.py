@@ -64,51 +64,48 @@ def test_features_flow_then_incremental_rerun(harness, env_wh: WarehouseConfig, 
     assert dup == 0 and runs == 9  # 3 flows x (ingest, tag, embed)
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+def _cli(*args: str, env: dict[str, str], new_session: bool = False, stdout=subprocess.PIPE) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "msm4sr"), *args] if (REPO / ".venv").exists() else [sys.executable, "-m", "flows.cli", *args],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-c", "from flows.cli import main; main()", *args],
+        env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True,
+        start_new_session=new_session,
     )
 
 
-def test_killed_tagging_leaves_warehouse_consistent_and_rerun_completes(env_wh: WarehouseConfig, tmp_path: Path) -> None:
-    from pipeline.ingest import ingest
-    from pipeline.sources.movielens import read_movielens
-
+def test_flow_killed_mid_tagging_leaves_warehouse_consistent_and_rerun_completes(env_wh: WarehouseConfig, tmp_path: Path) -> None:
     # ~1,200 real posters: tagging takes several seconds even on a fast machine
     src = write_ml_cut(tmp_path / "ml", range(1, 1251), max_ratings=5000)
-    ingest(read_movielens(src, "cut"), env_wh, progress=False)
     env = dict(os.environ)
-    # small chunks so the kill lands between commits, after some rows are in
-    code = (
-        "from pipeline.tagging import TaggerConfig, tag_dataset\n"
-        "from features.store import WarehouseConfig\n"
-        f"tag_dataset('cut', TaggerConfig(chunk_size=16, batch_size=8), WarehouseConfig(root=__import__('pathlib').Path({str(env_wh.root)!r})), progress=False)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO)
-    deadline = time.monotonic() + 240
+    args = ["features", "--path", str(src), "--dataset", "cut", "--no-embed"]
+    # its own session: SIGKILL reaches the flow and the temporary Prefect server it started
+    proc = _cli(*args, env=env, new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
     n = 0
     while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.3)
+        if not env_wh.catalog_path.exists():
+            continue
         with store.connect(env_wh, read_only=True, create=False) as con:
             n = con.execute("SELECT count(*) FROM image_keywords").fetchone()[0]
         if n >= 32:
             break
-    assert proc.poll() is None, "tagging finished before it could be killed: use more images"
-    proc.send_signal(signal.SIGKILL)
+    assert proc.poll() is None, "the flow finished before it could be killed: use more images"
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     with store.connect(env_wh) as con:  # opens, consistent
         after_kill = con.execute("SELECT count(*) FROM image_keywords").fetchone()[0]
         total = con.execute("SELECT count(DISTINCT sha256) FROM item_images WHERE status = 'ok'").fetchone()[0]
     assert 32 <= after_kill < total
 
-    from pipeline.tagging import TaggerConfig, tag_dataset
-
-    s = tag_dataset("cut", TaggerConfig(chunk_size=16, batch_size=8), env_wh, progress=False)
-    assert s.n_new == total - after_kill
+    rerun = _cli(*args, env=env)
+    out = rerun.communicate(timeout=600)[0]
+    assert rerun.returncode == 0, out
+    assert f'"n_new": {total - after_kill}' in out  # only what the killed run had not committed
     with store.connect(env_wh) as con:
         rows, keys = con.execute("SELECT count(*), count(DISTINCT (sha256, tagger_version)) FROM image_keywords").fetchone()
+        items = con.execute("SELECT count(*) FROM items WHERE dataset = 'cut'").fetchone()[0]
     assert rows == keys == total
+    assert items == len((src / "movies.dat").read_bytes().splitlines())
 
 
 def test_two_features_flows_at_once_lose_and_double_nothing(env_wh: WarehouseConfig, tmp_path: Path) -> None:
