@@ -23,7 +23,6 @@ import hashlib
 import json
 import sys
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -37,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from features import store
+from features.runlog import Report, log_run, new_run_id
 from features.store import WarehouseConfig
 from pipeline import sentences as sent
 from pipeline.sentences import SentenceConfig, TextStats, text_sha256
@@ -483,23 +483,6 @@ def _record_version(con: Any, cfg: EncoderConfig, version: str, dim: int | None)
     )
 
 
-def _report_rows(
-    run_id: str, dataset: str, counts: dict[str, int], examples: dict[str, str]
-) -> pa.Table:
-    kinds = [k for k, n in counts.items() if n]
-    return pa.table(
-        {
-            "run_id": [run_id] * len(kinds),
-            "dataset": [dataset] * len(kinds),
-            "stage": ["embed"] * len(kinds),
-            "check_name": kinds,
-            "action": [_ACTIONS.get(k, "repaired") for k in kinds],
-            "n": pa.array([counts[k] for k in kinds], pa.int64()),
-            "example": [examples.get(k) for k in kinds],
-        }
-    )
-
-
 def embed_dataset(
     dataset: str,
     cfg: EncoderConfig | None = None,
@@ -523,7 +506,7 @@ def embed_dataset(
     """
     cfg = cfg or EncoderConfig()
     clock = _Clock()
-    run_id = uuid.uuid4().hex
+    run_id = new_run_id("embed", dataset)
     started = datetime.now(UTC)
     with clock.step("version"):
         version = encoder_version(cfg)
@@ -643,22 +626,17 @@ def _finish_run(
     info.pop("run_id")
     if error:
         info["error"] = error
-    store.upsert(
+    report = Report()
+    for kind, n in summary.bad_text.items():
+        report.add(kind, _ACTIONS.get(kind, "repaired"), n, examples.get(kind) or "")
+    log_run(
         con,
-        "pipeline_runs",
-        pa.table(
-            {
-                "run_id": [summary.run_id],
-                "stage": ["embed"],
-                "dataset": [summary.dataset],
-                "started_at": pa.array([started], pa.timestamp("us", tz="UTC")),
-                "finished_at": pa.array([datetime.now(UTC)], pa.timestamp("us", tz="UTC")),
-                "status": [status],
-                "summary": [json.dumps(info, sort_keys=True)],
-                "snapshot_id": pa.array([summary.snapshot_id or None], pa.int64()),
-            }
-        ),
+        summary.run_id,
+        "embed",
+        summary.dataset,
+        started,
+        json.dumps(info, sort_keys=True),
+        summary.snapshot_id or None,
+        report,
+        status,
     )
-    report = _report_rows(summary.run_id, summary.dataset, summary.bad_text, examples)
-    if report.num_rows:
-        store.upsert(con, "data_report", report)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from features import store
 from features.contract import IMAGE_OK
+from features.runlog import log_run, new_run_id
 from features.store import WarehouseConfig, Write
 from pipeline.images import ImageConfig, ImageResult, fetch_all
 from pipeline.paths import image_cache_dir
@@ -40,10 +40,6 @@ class IngestSummary:
     seconds: float
     snapshot_id: int
     report: list[dict] = field(default_factory=list)
-
-
-def new_run_id(stage: str, dataset: str) -> str:
-    return f"{stage}-{dataset}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def _known_downloads(con, dataset: str) -> dict[str, ImageResult]:
@@ -147,41 +143,3 @@ def summary_json(summary: object, origin: str = "") -> str:
     if origin:
         d["origin"] = origin
     return json.dumps(d, default=str)
-
-
-def log_run(
-    con,
-    run_id: str,
-    stage: str,
-    dataset: str,
-    started: datetime,
-    summary: str,
-    snapshot_id: int,
-    report: Report,
-    status: str = "finished",
-) -> None:
-    """One pipeline_runs row and the run's data_report rows, in one commit."""
-    run = pl.DataFrame(
-        {
-            "run_id": [run_id], "stage": [stage], "dataset": [dataset], "started_at": [started],
-            "finished_at": [datetime.now(UTC)], "status": [status], "summary": [summary],
-            "snapshot_id": [snapshot_id],
-        }
-    )
-    rep = pl.DataFrame(
-        {
-            "run_id": [run_id] * len(report.rows),
-            "dataset": [dataset] * len(report.rows),
-            "stage": [stage] * len(report.rows),
-            "check_name": [r.check_name for r in report.rows],
-            "action": [r.action for r in report.rows],
-            "n": [r.n for r in report.rows],
-            "example": [r.example for r in report.rows],
-        },
-        schema={"run_id": pl.String, "dataset": pl.String, "stage": pl.String, "check_name": pl.String, "action": pl.String, "n": pl.Int64, "example": pl.String},
-    )
-    # The same check can be reported twice by one run (e.g. two files): sum them.
-    rep = rep.group_by("run_id", "dataset", "stage", "check_name", "action", maintain_order=True).agg(
-        pl.col("n").sum(), pl.col("example").first()
-    )
-    store.write(con, [Write("pipeline_runs", run), Write("data_report", rep)])

@@ -27,7 +27,6 @@ import queue
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,6 +42,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from features import contract, store
+from features.runlog import log_run, new_run_id
 from features.store import WarehouseConfig
 from pipeline import tagger_models as tm
 
@@ -640,26 +640,8 @@ def _record_version(con: duckdb.DuckDBPyConnection, tagger: Tagger) -> None:
     store.upsert(con, "model_versions", pa.Table.from_pylist([row]))
 
 
-def _record_run(
-    con: duckdb.DuckDBPyConnection,
-    run_id: str,
-    dataset: str,
-    started: datetime,
-    status: str,
-    summary: dict[str, Any],
-    snapshot: int | None,
-) -> None:
-    row = {
-        "run_id": run_id,
-        "stage": "tag",
-        "dataset": dataset,
-        "started_at": started,
-        "finished_at": datetime.now(UTC),
-        "status": status,
-        "summary": json.dumps(summary, sort_keys=True, default=str),
-        "snapshot_id": snapshot,
-    }
-    store.upsert(con, "pipeline_runs", pa.Table.from_pylist([row]))
+def _json(summary: dict[str, Any]) -> str:
+    return json.dumps(summary, sort_keys=True, default=str)
 
 
 def tag_dataset(
@@ -678,7 +660,7 @@ def tag_dataset(
     cfg = cfg or TaggerConfig()
     wh = wh or WarehouseConfig()
     tagger = Tagger(cfg)
-    run_id = f"tag-{dataset}-{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    run_id = new_run_id("tag", dataset)
     with store.connect(wh) as con:
         n_refs, n_images = con.execute(
             "SELECT count(*), count(DISTINCT sha256) FILTER (WHERE status = ?) "
@@ -712,14 +694,15 @@ def tag_dataset(
             counts = _stream(con, tagger, todo, cfg, wh, progress, f"tag {dataset}")
         except BaseException as e:
             try:
-                _record_run(
+                log_run(
                     con,
                     run_id,
+                    "tag",
                     dataset,
                     started,
-                    f"failed: {_short(e)}",
-                    {**base, "seconds": time.perf_counter() - t0},
+                    _json({**base, "seconds": time.perf_counter() - t0}),
                     store.snapshot_id(con),
+                    status=f"failed: {_short(e)}",
                 )
             except Exception:
                 pass  # the original error matters more than the bookkeeping
@@ -735,13 +718,13 @@ def tag_dataset(
             startup_seconds=startup,
             by_status=dict(sorted(counts.items())),
         )
-        _record_run(
+        log_run(
             con,
             run_id,
+            "tag",
             dataset,
             started,
-            "finished",
-            {**base, **asdict(summary), "images_per_s": summary.images_per_s},
+            _json({**base, **asdict(summary), "images_per_s": summary.images_per_s}),
             summary.snapshot_id,
         )
     return summary

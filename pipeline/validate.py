@@ -10,9 +10,8 @@ from datetime import UTC, datetime
 import duckdb
 
 from features import store
+from features.runlog import Report, log_run, new_run_id
 from features.store import WarehouseConfig
-from pipeline.ingest import log_run, new_run_id
-from pipeline.sources.base import Report
 
 # (check name, severity, SQL returning (n, example) for dataset = $1)
 CHECKS: list[tuple[str, str, str]] = [

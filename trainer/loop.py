@@ -22,7 +22,6 @@ import random
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from features import store
 from features.contract import METRICS, RUNS
+from features.runlog import new_run_id
 from features.store import REPO_ROOT, WarehouseConfig
 from trainer.config import Config, TrainConfig
 from trainer.data import (
@@ -81,10 +81,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (head + ("-dirty" if dirty else "")) if head else "unknown"
-
-
-def new_run_id(kind: str, dataset: str) -> str:
-    return f"{kind}-{dataset}-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import polars as pl
 
+from features.runlog import Report, ReportRow  # noqa: F401  (re-exported for the adapters)
+
 # Column sets of the frames a source hands to preprocessing (before the contract's extras).
 ITEM_COLUMNS = {"item_id": pl.String, "title": pl.String, "text": pl.String, "categories": pl.String}
 INTERACTION_COLUMNS = {
@@ -22,28 +24,6 @@ IMAGE_COLUMNS = {"item_id": pl.String, "image_idx": pl.Int32, "uri": pl.String}
 
 class SourceError(ValueError):
     """The input is not what the adapter reads (wrong layout, missing file)."""
-
-
-@dataclass
-class ReportRow:
-    check_name: str
-    action: str  # dropped | repaired | kept | info
-    n: int
-    example: str = ""
-
-
-@dataclass
-class Report:
-    """Everything an ingest dropped or repaired, with counts and one example each."""
-
-    rows: list[ReportRow] = field(default_factory=list)
-
-    def add(self, check_name: str, action: str, n: int, example: object = "") -> None:
-        if n:
-            self.rows.append(ReportRow(check_name, action, int(n), str(example)[:300]))
-
-    def count(self, check_name: str) -> int:
-        return sum(r.n for r in self.rows if r.check_name == check_name)
 
 
 @dataclass
