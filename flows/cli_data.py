@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from features import store
 from features.store import WarehouseConfig, WarehouseError
+from flows.cli_common import console, err, fail, print_rows
 from pipeline.ingest import IngestSummary, ingest
 from pipeline.preprocess import PreprocessConfig
 from pipeline.sources import read_source
@@ -20,27 +19,9 @@ from pipeline.sources.base import RawSource, SourceError
 from pipeline.sources.generic import ColumnMap, read_generic
 from pipeline.validate import validate
 
-# Wide tables when the output is a file or a pipe (rich would wrap at 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
-
 ingest_app = typer.Typer(help="Load a raw dataset into the warehouse (items, interactions, item_images).", no_args_is_help=True)
 
 MinUser = Annotated[int, typer.Option(help="keep users with at least this many interactions")]
-
-
-def fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
-
-
-def print_rows(columns: list[str], rows: list[tuple], title: str | None = None) -> None:
-    t = Table(title=title, show_lines=False)
-    for c in columns:
-        t.add_column(c)
-    for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
-    console.print(t)
 
 
 def _run_ingest(load, min_user: int) -> IngestSummary:

@@ -5,11 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from flows.cli_common import console, fail
 
 
 def embed(
@@ -53,8 +51,7 @@ def embed(
             dataset, cfg, WarehouseConfig(), progress=progress, tagger_version=tagger_version
         )
     except (ValueError, WarehouseError) as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
 
     bad = Table(title=f"text cleaning ({s.run_id})")
     bad.add_column("kind")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from flows.cli_data import console, err, fail, print_rows
+from flows.cli_common import console, err, fail, print_rows
 
 server_app = typer.Typer(help="A local Prefect server (scheduler + UI) for `msm4sr serve`.", no_args_is_help=True)
 

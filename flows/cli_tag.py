@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-console = Console()
-err = Console(stderr=True)
+from flows.cli_common import console, fail
 
 
 def tag(
@@ -55,8 +53,7 @@ def tag(
         )
         s = tag_dataset(dataset, cfg, WarehouseConfig(), progress=progress)
     except (ValueError, FileNotFoundError, RuntimeError, WarehouseError) as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     statuses = ", ".join(f"{k} {v}" for k, v in s.by_status.items()) or "nothing new"
     console.print(
         f"[bold]{dataset}[/] tagger {s.tagger_version}: {s.n_images} distinct images, "
@@ -79,8 +76,7 @@ def setup_models(
     try:
         path = tm.build_classifier_onnx(models_dir, force=force)
     except RuntimeError as e:
-        err.print(f"[bold red]error:[/] {e}")
-        raise typer.Exit(2) from None
+        fail(e)
     console.print(
         f"{tm.BUILTIN_CLASSIFIER}: {path} ({path.stat().st_size / 2**20:.1f} MiB, "
         f"sha256 {tm.file_sha256(path)[:12]})"

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from flows.cli_common import console, fail
 
 if TYPE_CHECKING:
     from trainer.config import Config
     from trainer.loop import RunResult
 
-console = Console()
-err = Console(stderr=True)
 
 Dataset = Annotated[str, typer.Option(help="dataset in the warehouse")]
 MaxEpochs = Annotated[int | None, typer.Option(help="maximum epochs (PAPER.md: 300)")]
@@ -44,11 +43,6 @@ Resume = Annotated[
     str | None, typer.Option(help="continue this killed run from its last checkpoint")
 ]
 Progress = Annotated[bool, typer.Option(help="progress bars on stderr")]
-
-
-def fail(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}")
-    raise typer.Exit(2)
 
 
 def build_config(

@@ -1,0 +1,29 @@
+"""What every CLI module shares: the consoles, error exit and table printing."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+# Wide tables when the output is a file or a pipe (rich would wrap at 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+
+def fail(msg: object) -> NoReturn:
+    """Print `error: msg` on stderr and exit 2 (a user's mistake, not a traceback)."""
+    err.print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(2)
+
+
+def print_rows(columns: list[str], rows: list[tuple], title: str | None = None) -> None:
+    t = Table(title=title, show_lines=False)
+    for c in columns:
+        t.add_column(c)
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    console.print(t)
