@@ -3,7 +3,11 @@
 DuckLake keeps every table as Parquet files under a data path and records tables, files and
 snapshots in a catalog database. The default catalog is SQLite (`warehouse/catalog.sqlite`, so a
 reader can query while a flow writes) with data in `warehouse/data/`; any DuckLake ATTACH string
-works (e.g. `ducklake:postgres:dbname=lake host=...` with `DATA_PATH 's3://bucket/lake/'`).
+works (e.g. `ducklake:postgres:dbname=lake host=...` with `DATA_PATH 's3://bucket/lake/'`): set
+MSM4SR_LAKE_ATTACH / MSM4SR_LAKE_DATA. S3 credentials come from the standard AWS variables
+(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL) as
+a temporary DuckDB secret, or, when those are unset, from a persistent DuckDB secret
+(docs/cluster-warehouse.md).
 
 Writes go through `upsert` / `replace_dataset`, which MERGE on the contract's keys inside one
 transaction and skip the commit when nothing changed, so re-running a stage on the same input
@@ -16,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import duckdb
 import polars as pl
@@ -72,6 +78,13 @@ class WarehouseConfig:
     def exists(self) -> bool:
         return bool(self.attach) or self.catalog_path.exists()
 
+    @property
+    def location(self) -> str:
+        """The catalog, for messages: the sqlite path, or the ATTACH target without a password."""
+        if not self.attach:
+            return str(self.catalog_path)
+        return re.sub(r"(password=)\S+", r"\1***", self.attach, flags=re.IGNORECASE)
+
 
 # --------------------------------------------------------------------------- extensions
 
@@ -102,6 +115,43 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
             f"duckdb-extension-{name.replace('_', '-')}=={duckdb.__version__} or allow INSTALL "
             f"over a network ({e})"
         ) from e
+
+
+def s3_secret_from_env(con: duckdb.DuckDBPyConnection, env: Mapping[str, str] | None = None) -> bool:
+    """CREATE a temporary S3 secret from the standard AWS variables; False when none are set.
+
+    AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000) points at an
+    S3-compatible server: its scheme sets USE_SSL and it implies URL_STYLE 'path' unless
+    MSM4SR_S3_URL_STYLE says otherwise.
+    """
+    env = os.environ if env is None else env
+    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+    if not key or not secret:
+        return False
+    opts = {"KEY_ID": key, "SECRET": secret}
+    if env.get("AWS_SESSION_TOKEN"):
+        opts["SESSION_TOKEN"] = env["AWS_SESSION_TOKEN"]
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        opts["REGION"] = region
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    style = env.get("MSM4SR_S3_URL_STYLE")
+    if endpoint:
+        url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise WarehouseError(f"AWS_ENDPOINT_URL {endpoint!r} is not an http(s)://host[:port] URL")
+        opts["ENDPOINT"] = url.netloc
+        opts["USE_SSL"] = "true" if url.scheme == "https" else "false"
+        style = style or "path"
+    if style:
+        if style not in ("path", "vhost"):
+            raise WarehouseError(f"MSM4SR_S3_URL_STYLE {style!r} is neither 'path' nor 'vhost'")
+        opts["URL_STYLE"] = style
+    body = ", ".join(
+        f"{k} {v}" if k == "USE_SSL" else f"{k} {_sql_literal(v)}" for k, v in opts.items()
+    )
+    con.execute(f"CREATE OR REPLACE TEMPORARY SECRET msm4sr_s3_env (TYPE s3, {body})")
+    return True
 
 
 # --------------------------------------------------------------------------- connect
@@ -143,8 +193,11 @@ def connect(
             load_extension(con, "sqlite_scanner")
         elif cfg.attach.startswith("ducklake:postgres:"):
             load_extension(con, "postgres_scanner")
+        if cfg.attach:  # a data path elsewhere than this disk (s3://, http...): httpfs
+            load_extension(con, "httpfs")
+            s3_secret_from_env(con)
         sql = cfg.attach_sql(read_only)
-        _retry(lambda: con.execute(sql), cfg.max_retries, what=f"attaching {cfg.catalog_path}")
+        _retry(lambda: con.execute(sql), cfg.max_retries, what=f"attaching {cfg.location}")
         attached = True
         con.execute(f"USE {ALIAS}")
         if create and not read_only:

@@ -136,7 +136,7 @@ def tables() -> None:
             views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = 'lake' ORDER BY 1").fetchall()]
     except WarehouseError as e:
         fail(str(e))
-    print_rows(["table", "rows"], counts, title=f"warehouse {WarehouseConfig().catalog_path} (snapshot {snap})")
+    print_rows(["table", "rows"], counts, title=f"warehouse {WarehouseConfig().location} (snapshot {snap})")
     console.print("views: " + ", ".join(views))
 
 
