@@ -104,6 +104,10 @@ def _run(fn):
 
 
 def print_result(res: RunResult) -> None:
+    from trainer.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 alone prints
+        return
     console.print(
         f"[bold]{res.run_id}[/] ({res.kind}): best epoch {res.best_epoch} of {res.epochs_run}, "
         f"checkpoint {res.checkpoint_dir}",

@@ -17,6 +17,8 @@ SAMPLE_MODES = ("all_positions", "every_prefix")
 # Input sequences per batch by sample mode (see TrainConfig.batch_size).
 DEFAULT_BATCH = {"every_prefix": 1024, "all_positions": 256}
 MODALITIES = ("both", "text", "image")
+# "m2se": the multimodal encoder; "sasrec": the item-ID SASRec baseline (no features).
+ARCHS = ("m2se", "sasrec")
 AMP_MODES = ("auto", "bf16", "off")
 POOL_ACTS = ("relu", "tanh")
 
@@ -38,12 +40,25 @@ class DataConfig:
     max_len: int = 50
     # Vectors kept per item and modality (sentences / images) [10].
     max_slots: int = 10
+    # Cold-start setting: this fraction of items (drawn with holdout_seed) is removed from every
+    # train part, so the model never sees them; they stay candidates and valid / test targets
+    # (subset "unseen"). 0 = off.
+    holdout_items: float = 0.0
+    # Seed of the held-out item draw (fixed across model seeds: every model sees the same split).
+    holdout_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout_items < 1.0:
+            raise ValueError(f"holdout_items={self.holdout_items} must be in [0, 1)")
 
 
 @dataclass
 class M2SEConfig:
     """The Multimodal Mixup Sequence Encoder (PAPER.md section 2)."""
 
+    # "m2se", or "sasrec" (item-ID baseline: ID + position embeddings, the same Transformer,
+    # dot-product softmax over all items; fine-tuning stage only).
+    arch: str = "m2se"
     # Hidden size h of the adaptor outputs and the Transformer [64].
     hidden_size: int = 64
     # Transformer layers [2].
@@ -78,6 +93,8 @@ class M2SEConfig:
     modalities: str = "both"
 
     def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r} is not one of {ARCHS}")
         if self.modalities not in MODALITIES:
             raise ValueError(f"modalities={self.modalities!r} is not one of {MODALITIES}")
         if self.pool_act not in POOL_ACTS:
@@ -129,6 +146,9 @@ class TrainConfig:
     cmcl_weight: float = 0.01
     # Pre-training only: CMCL on/off (ablation "CMCL off").
     cmcl: bool = True
+    # Pre-training only: the image NIP term on/off (ablation "NIP-image off"; the image tower
+    # then learns through CMCL only).
+    nip_image: bool = True
     # Pre-training, all_positions only: rows of the CMCL similarity matrix per batch (random
     # target positions; the paper's batch has 1024 rows).
     cmcl_rows: int = 1024

@@ -290,6 +290,39 @@ def _stack(
     return FeatureStack(vectors, mask)
 
 
+def hold_out_items(
+    items: np.ndarray,
+    offsets: np.ndarray,
+    user_ids: list[str],
+    n_items: int,
+    fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Remove a random `fraction` of the items (1..n_items) from every user's train part.
+
+    The last two items of each sequence (valid and test targets) are kept, so held-out items are
+    still targets there; a user left with fewer than 3 items is dropped. Returns the new
+    (items, offsets, user_ids).
+    """
+    rng = np.random.default_rng(seed)
+    n_hold = int(round(fraction * n_items))
+    held = np.zeros(n_items + 1, dtype=bool)
+    held[rng.choice(np.arange(1, n_items + 1), n_hold, replace=False)] = True
+    lens = np.diff(offsets)
+    user = np.repeat(np.arange(len(lens)), lens)
+    pos = np.arange(len(items)) - offsets[user]
+    keep = ~(held[items] & (pos < lens[user] - 2))
+    new_lens = np.bincount(user[keep], minlength=len(lens))
+    ok_user = new_lens >= 3
+    keep &= ok_user[user]
+    new_lens = new_lens[ok_user]
+    return (
+        items[keep],
+        np.concatenate([[0], np.cumsum(new_lens)]).astype(np.int64),
+        [u for u, ok in zip(user_ids, ok_user, strict=True) if ok],
+    )
+
+
 def load_dataset(
     cfg: DataConfig, wh: WarehouseConfig | None = None, modalities: str = "both"
 ) -> SeqDataset:
@@ -336,6 +369,10 @@ def load_dataset(
         counts = np.bincount(users, minlength=len(user_ids))
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         del inter, users
+        if cfg.holdout_items > 0:
+            items, offsets, user_ids = hold_out_items(
+                items, offsets, user_ids, len(item_ids), cfg.holdout_items, cfg.holdout_seed
+            )
         lens = np.diff(offsets)
         if (lens < 3).any():
             short = user_ids[int(np.argmax(lens < 3))]

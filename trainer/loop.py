@@ -37,7 +37,8 @@ from features import store
 from features.contract import METRICS, RUNS
 from features.runlog import new_run_id
 from features.store import REPO_ROOT, WarehouseConfig
-from trainer.config import Config, TrainConfig
+from trainer import distributed as ddp  # DDP hooks (torchrun); identity on one process
+from trainer.config import Config, TrainConfig, merge
 from trainer.data import (
     EvalCases,
     SeqDataset,
@@ -49,6 +50,9 @@ from trainer.data import (
 )
 from trainer.evaluate import metrics_from_ranks, popularity_ranks, rank_targets
 from trainer.model import M2SE
+from trainer.sasrec import SASRec
+
+Model = M2SE | SASRec
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +111,8 @@ def checkpoint_root(cfg: Config, wh: WarehouseConfig | None) -> Path:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    if not ddp.is_main():  # DDP hook: rank 0 alone writes checkpoints
+        return
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -151,6 +157,8 @@ class RunLog:
 
     def write_run(self, **changes: Any) -> None:
         self.row.update(changes)
+        if not ddp.is_main():  # DDP hook: rank 0 alone writes rows
+            return
         with store.connect(self.wh) as con:
             store.upsert(con, RUNS.name, pa.Table.from_pylist([self.row], schema=RUNS.schema))
 
@@ -179,6 +187,8 @@ class RunLog:
         ]
         self.history.extend(rows)
         self.row.update(run_changes)
+        if not ddp.is_main():  # DDP hook: rank 0 alone writes rows and the CSV
+            return
         with store.connect(self.wh) as con:
             if rows:
                 store.upsert(con, METRICS.name, pa.Table.from_pylist(rows, schema=METRICS.schema))
@@ -202,7 +212,7 @@ class RunLog:
 
 @torch.no_grad()
 def evaluate_cases(
-    model: M2SE,
+    model: Model,
     feats: dict[str, Any],
     data: SeqDataset,
     cases: EvalCases,
@@ -210,7 +220,8 @@ def evaluate_cases(
     counts: np.ndarray,
     device: torch.device,
 ) -> Metrics:
-    """Full-ranking metrics of `model` on `cases`: subsets "all" and "cold" (rare targets)."""
+    """Full-ranking metrics of `model` on `cases`: subsets "all", "cold" (rare targets) and
+    "unseen" (targets with no train interaction)."""
     ecfg = cfg.eval
     was_training = model.training
     model.eval()
@@ -252,6 +263,10 @@ def _by_subset(ranks: np.ndarray, cases: EvalCases, counts: np.ndarray, cfg: Con
     if cold.any():
         out["cold"] = metrics_from_ranks(ranks[cold], cfg.eval.ks)
         out["cold"]["n_cases"] = float(cold.sum())
+    unseen = counts[cases.targets] == 0  # never in training (e.g. held-out items)
+    if unseen.any():
+        out["unseen"] = metrics_from_ranks(ranks[unseen], cfg.eval.ks)
+        out["unseen"]["n_cases"] = float(unseen.sum())
     out["all"]["n_cases"] = float(len(ranks))
     return out
 
@@ -281,10 +296,28 @@ class RunResult:
     popularity: dict[str, Metrics] = field(default_factory=dict)  # split -> subset -> metric
 
 
-def build_model(cfg: Config, data: SeqDataset, stage: str) -> M2SE:
+def build_model(cfg: Config, data: SeqDataset, stage: str) -> Model:
+    if cfg.model.arch == "sasrec":
+        if stage != "finetune":
+            raise RunError("SASRec (model.arch=sasrec) has no pre-training stage: fine-tune it")
+        return SASRec(cfg.model, data.n_items, data.max_len)
     dim = next(iter(data.features.values())).dim
     id_emb = stage == "finetune" and cfg.finetune.transductive
     return M2SE(cfg.model, data.n_items, dim, data.max_len, id_embedding=id_emb)
+
+
+def without_empty_modality(cfg: Config, data: SeqDataset) -> Config:
+    """Pre-training on a dataset without any image vector (e.g. Amazon Office, text only): the
+    image NIP term, CMCL and mixup would only learn from zeros, so they are switched off (and the
+    run's config says so). The architecture stays, so the weights fit any dataset."""
+    img = data.features.get("image")
+    if cfg.model.modalities != "both" or img is None or img.n_covered:
+        return cfg
+    log.warning(
+        "%s has no image vectors: pre-training with text NIP only (no image NIP, CMCL, mixup)",
+        data.dataset,
+    )
+    return merge(cfg, {"model": {"mixup": False}, "pretrain": {"cmcl": False, "nip_image": False}})
 
 
 class Trainer:
@@ -303,20 +336,24 @@ class Trainer:
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"{stage=} is not one of {STAGES}")
+        if stage == "pretrain":
+            cfg = without_empty_modality(cfg, data)
         self.cfg, self.data, self.stage, self.wh = cfg, data, stage, wh
         self.tcfg: TrainConfig = cfg.pretrain if stage == "pretrain" else cfg.finetune
-        self.run_id = run_id or new_run_id(stage, data.dataset)
+        ddp.setup(cfg.runtime.device)  # DDP hook: join torchrun's group (no-op without it)
+        self.run_id = ddp.broadcast_object(run_id or new_run_id(stage, data.dataset))  # rank 0's
         self.parent_run_id = parent_run_id
         self.on_epoch_end = on_epoch_end
         if cfg.runtime.threads > 0:
             torch.set_num_threads(cfg.runtime.threads)
-        self.device = resolve_device(cfg.runtime.device)
+        self.device = ddp.local_device(resolve_device(cfg.runtime.device))  # DDP: cuda:LOCAL_RANK
         self.dir = checkpoint_root(cfg, wh) / self.run_id
         seed_everything(self.tcfg.seed)
         self.feats = {m: s.to(self.device) for m, s in data.features.items()}
         self.model = build_model(cfg, data, stage).to(self.device)
         if init_weights is not None:
             self._load_pretrained(init_weights)
+        self.train_model = ddp.wrap(self.model, self.device)  # DDP hook: the model itself on one process
         self.opt = torch.optim.Adam(
             self.model.parameters(), lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay
         )
@@ -351,6 +388,8 @@ class Trainer:
     # ------------------------------------------------------------------ bookkeeping
 
     def model_name(self) -> str:
+        if self.cfg.model.arch == "sasrec":
+            return "SASRec"
         if self.stage == "pretrain":
             return "M2SE"
         return "M2SE-transductive" if self.tcfg.transductive else "M2SE-inductive"
@@ -444,10 +483,16 @@ class Trainer:
     # ------------------------------------------------------------------ training
 
     def _batches(self, epoch: int) -> Iterator:
+        if ddp.active():  # DDP hook: this rank's share of each global batch
+            t = self.tcfg
+            return ddp.shard_batches(
+                self.data, self.samples, t.batch, t.seed, epoch, ddp.rank(), ddp.world_size()
+            )
         return iterate_batches(self.data, self.samples, self.tcfg.batch, self.tcfg.seed, epoch)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
+        ddp.seed_epoch(self.tcfg.seed, epoch)  # DDP hook: per-rank dropout stream
         t = self.tcfg
         n_batches = math.ceil(len(self.samples) / t.batch)
         bar = tqdm(
@@ -456,7 +501,7 @@ class Trainer:
             desc=f"{self.stage} epoch {epoch}",
             unit="batch",
             file=sys.stderr,
-            disable=not self.cfg.runtime.progress,
+            disable=not self.cfg.runtime.progress or not ddp.is_main(),
             dynamic_ncols=True,
             mininterval=1.0,
         )
@@ -467,7 +512,7 @@ class Trainer:
             batch = batch.to(self.device)
             with autocast(self.device, self.cfg.runtime.amp):
                 if self.stage == "pretrain":
-                    out = self.model.pretrain_loss(
+                    out = self.train_model.pretrain_loss(
                         self.feats,
                         batch.inputs,
                         batch.targets,
@@ -476,18 +521,21 @@ class Trainer:
                         t.cmcl,
                         t.cmcl_rows,
                         t.loss_block,
+                        t.nip_image,
                     )
                 else:
-                    out = self.model.finetune_loss(
+                    out = self.train_model.finetune_loss(
                         self.feats, batch.inputs, batch.targets, t.tau, t.loss_block
                     )
+            # DDP hook: `out` becomes the global batch's terms; this rank's loss is weighted.
+            out, backward_loss = ddp.reduce_step(out)
             if not torch.isfinite(out.loss):
                 raise FloatingPointError(
                     f"{self.stage} loss is {float(out.loss)} at epoch {epoch}, step {n_steps} ({out.terms}): "
                     f"lower the learning rate (lr={t.lr})"
                 )
             self.opt.zero_grad(set_to_none=True)
-            out.loss.backward()
+            backward_loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_norm)
             self.opt.step()
             n_steps += 1
@@ -511,8 +559,11 @@ class Trainer:
 
     def evaluate(self, split: str) -> Metrics:
         cases = self.valid_cases if split == "valid" else self.test_cases
-        return evaluate_cases(
-            self.model, self.feats, self.data, cases, self.cfg, self.counts, self.device
+        cases = ddp.shard_cases(cases)  # DDP hook: this rank's users, merged below
+        return ddp.merge_metrics(
+            evaluate_cases(
+                self.model, self.feats, self.data, cases, self.cfg, self.counts, self.device
+            )
         )
 
     def fit(self, resume: bool = False) -> RunResult:
@@ -557,6 +608,7 @@ class Trainer:
 
     def final_evaluation(self) -> RunResult:
         """Best epoch's weights on valid and test (epoch -1 rows) + the popularity reference run."""
+        ddp.barrier()  # DDP hook: rank 0 has written best.pt
         best = torch.load(self.dir / "best.pt", map_location=self.device, weights_only=False)
         self.model.load_state_dict(best["model"])
         valid, test = self.evaluate("valid"), self.evaluate("test")
@@ -624,7 +676,17 @@ def _load_checkpoint(
 
 
 def _data_for(cfg: Config, wh: WarehouseConfig | None) -> SeqDataset:
-    return load_dataset(cfg.data, wh, cfg.model.modalities)
+    # DDP hooks: every rank reads rank 0's snapshot, and nobody writes before all have read.
+    ddp.setup(cfg.runtime.device)
+    cfg = ddp.pin_snapshot(cfg, lambda: _latest_snapshot(wh))
+    data = load_dataset(cfg.data, wh, cfg.model.modalities)
+    ddp.barrier()
+    return data
+
+
+def _latest_snapshot(wh: WarehouseConfig | None) -> int:
+    with store.connect(wh, create=False, read_only=True) as con:
+        return store.snapshot_id(con)
 
 
 def _resume(
@@ -650,12 +712,13 @@ def pretrain(
     *,
     resume: str | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    run_id: str | None = None,
 ) -> RunResult:
-    """Pre-train M2SE on cfg.data.dataset (or resume run `resume`)."""
+    """Pre-train M2SE on cfg.data.dataset (or resume run `resume`); `run_id`: a chosen id."""
     if resume:
         return _resume(resume, "pretrain", cfg, wh, on_epoch_end)
     data = _data_for(cfg, wh)
-    return Trainer(cfg, data, "pretrain", wh, on_epoch_end=on_epoch_end).fit()
+    return Trainer(cfg, data, "pretrain", wh, run_id=run_id, on_epoch_end=on_epoch_end).fit()
 
 
 def cfg_at(cfg: Config, meta: dict[str, Any]) -> Config:
@@ -681,8 +744,10 @@ def finetune(
     from_run: str | None = None,
     resume: str | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    run_id: str | None = None,
 ) -> RunResult:
-    """Fine-tune from pre-trained run `from_run` (None: from scratch), or resume run `resume`."""
+    """Fine-tune from pre-trained run `from_run` (None: from scratch), or resume run `resume`;
+    `run_id`: a chosen id."""
     if resume:
         return _resume(resume, "finetune", cfg, wh, on_epoch_end)
     weights = None
@@ -719,6 +784,7 @@ def finetune(
         data,
         "finetune",
         wh,
+        run_id=run_id,
         parent_run_id=from_run,
         init_weights=weights,
         on_epoch_end=on_epoch_end,
@@ -732,7 +798,7 @@ class Loaded:
     cfg: Config
     stage: str
     data: SeqDataset
-    model: M2SE
+    model: Model
     device: torch.device
 
 

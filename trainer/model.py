@@ -314,8 +314,10 @@ class M2SE(nn.Module):
         use_cmcl: bool = True,
         cmcl_rows: int = 1024,
         loss_block: int = 1 << 22,
+        nip_image: bool = True,
     ) -> LossOutput:
-        """NIP per modality + lambda * CMCL (PAPER.md 3).
+        """NIP per modality + lambda * CMCL (PAPER.md 3); `nip_image=False` drops the image NIP
+        term (ablation).
 
         Args:
             inputs: [B, L] left-aligned items. targets: [B, L] the item following each position
@@ -344,10 +346,15 @@ class M2SE(nn.Module):
         hs = {m: F.normalize(outs[m].float(), dim=-1) for m in self.mods}
         terms: dict[str, torch.Tensor] = {}
         for m in self.mods:
+            if m == "image" and not nip_image:
+                continue
             e = F.normalize(tables[m][tgt_local].float(), dim=-1)  # [N, H]
             terms[f"nip_{m}"] = nip_loss(hs[m], e, tgt, tau, loss_block)
-        loss = sum(terms.values())
-        if use_cmcl and len(self.mods) == 2 and cmcl_weight > 0:
+        use_cmcl = use_cmcl and len(self.mods) == 2 and cmcl_weight > 0
+        if not terms and not use_cmcl:
+            raise ValueError("pre-training has no loss term: NIP-image is off and CMCL is off")
+        loss = sum(terms.values(), torch.zeros((), device=dev))
+        if use_cmcl:
             rows = torch.arange(len(tgt), device=dev)
             if len(rows) > cmcl_rows:
                 rows = torch.randperm(len(tgt), device=dev)[:cmcl_rows]

@@ -1,0 +1,292 @@
+"""`msm4sr report`: the experiment matrix's numbers as reports/<name>/{report.md, metrics.csv, *.png}.
+
+Every number is read back from the warehouse (`metrics` rows at epoch -1, the best epoch's final
+evaluation) by run id; metrics.csv keeps the run id on every row, and report.md ends with the
+table of run ids, so each cell is traceable to its `runs` row.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from features import store
+from features.store import WarehouseConfig
+from trainer.experiments import Budget, Cell
+from trainer.loop import git_commit
+
+METRICS = ("NDCG@10", "NDCG@20", "Recall@10", "Recall@20")
+POPULARITY = "Popularity"
+# The report's claims (issue #6): relative gains of MSM4SR on test, mean over seeds.
+TARGETS = (
+    ("MSM4SR", "SASRec (ID)", "all", 0.05),
+    ("MSM4SR", "Text-only pre-trained", "all", 0.05),
+    ("MSM4SR", "SASRec (ID)", "cold", 0.20),
+)
+
+
+@dataclass
+class Row:
+    dataset: str
+    group: str
+    model: str
+    seed: int | None
+    run_id: str
+    split: str
+    subset: str
+    metric: str
+    value: float
+
+
+def collect(cells: list[Cell], wh: WarehouseConfig | None) -> list[Row]:
+    """Final (epoch -1) valid / test metrics of every cell, plus the popularity reference."""
+    runs: dict[str, tuple[str, str, str, int | None]] = {}
+    for c in cells:
+        assert c.finetune_run is not None
+        runs[c.finetune_run] = (c.dataset, c.variant.group, c.variant.name, c.seed)
+        if c.variant.name in ("MSM4SR", "SASRec (ID), 10% items held out") and c.seed == min(
+            x.seed for x in cells if x.dataset == c.dataset
+        ):
+            # Popularity depends on the split only: one reference per setting.
+            name = POPULARITY if c.variant.group == "main" else f"{POPULARITY}, 10% items held out"
+            runs[f"{c.finetune_run}-popularity"] = (c.dataset, c.variant.group, name, None)
+    if not runs:
+        return []
+    with store.connect(wh, create=False, read_only=True) as con:
+        got = store.query(
+            con,
+            "SELECT run_id, split, subset, metric, value FROM metrics "
+            "WHERE epoch = -1 AND run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY ALL",
+            [list(runs)],
+        ).to_pylist()
+    missing = set(runs) - {r["run_id"] for r in got}
+    if missing:
+        raise RuntimeError(f"no final metrics for run(s) {sorted(missing)}: did they finish?")
+    return [Row(*runs[r["run_id"]], **r) for r in got]
+
+
+def _agg(values: list[float]) -> tuple[float, float, int]:
+    n = len(values)
+    mean = sum(values) / n
+    sd = statistics.stdev(values) if n > 1 else 0.0
+    return mean, sd, n
+
+
+def summarise(rows: list[Row]) -> dict[tuple[str, str, str, str, str], tuple[float, float, int]]:
+    """(dataset, model, split, subset, metric) -> (mean, std, n seeds)."""
+    acc: dict[tuple[str, str, str, str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        acc[(r.dataset, r.model, r.split, r.subset, r.metric)].append(r.value)
+    return {k: _agg(v) for k, v in acc.items()}
+
+
+def _fmt(cell: tuple[float, float, int] | None) -> str:
+    if cell is None:
+        return "–"
+    mean, sd, n = cell
+    return f"{mean:.4f} ± {sd:.4f}" if n > 1 else f"{mean:.4f}"
+
+
+def _models(rows: list[Row], dataset: str, groups: Iterable[str]) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        if r.dataset == dataset and r.group in groups and r.model not in seen:
+            seen.append(r.model)
+    return seen
+
+
+def _table(
+    summary: dict, dataset: str, models: list[str], subset: str, extra_n: bool = False
+) -> list[str]:
+    head = ["model", *METRICS, "seeds"] + (["cases"] if extra_n else [])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        vals = [summary.get((dataset, m, "test", subset, k)) for k in METRICS]
+        if all(v is None for v in vals):
+            continue
+        n = next(v[2] for v in vals if v is not None)
+        row = [m, *(_fmt(v) for v in vals), str(n)]
+        if extra_n:
+            c = summary.get((dataset, m, "test", subset, "n_cases"))
+            row.append(str(int(c[0])) if c else "0")
+        out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def targets(summary: dict, datasets: list[str]) -> list[str]:
+    """One line per claim and dataset: reached or not, with the relative gains."""
+    lines = []
+    for ds in datasets:
+        for ours, ref, subset, need in TARGETS:
+            gains = []
+            for k in ("NDCG@10", "Recall@10"):
+                a = summary.get((ds, ours, "test", subset, k))
+                b = summary.get((ds, ref, "test", subset, k))
+                if a is None or b is None:
+                    continue
+                gains.append((k, (a[0] - b[0]) / b[0] if b[0] > 0 else math.inf))
+            if not gains:
+                lines.append(f"- {ds}, {subset}: {ours} vs {ref}: not measured (no such cases)")
+                continue
+            ok = all(g >= need for _, g in gains)
+            detail = ", ".join(f"{k} {g:+.1%}" for k, g in gains)
+            lines.append(
+                f"- {ds}, {subset} targets: {ours} vs {ref} (need >= {need:+.0%}): {detail}: "
+                f"**{'reached' if ok else 'NOT reached'}**"
+            )
+    return lines
+
+
+def _plots(rows: list[Row], summary: dict, datasets: list[str], cells: list[Cell], out: Path,
+           wh: WarehouseConfig | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for ds in datasets:
+        models = [m for m in _models(rows, ds, ("main", "ablation")) if summary.get((ds, m, "test", "all", "NDCG@10"))]
+        if not models:
+            continue
+        # Bar chart of test NDCG@10 (mean +- std over seeds).
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(models) + 1.2))
+        vals = [summary[(ds, m, "test", "all", "NDCG@10")] for m in models]
+        ax.barh(models, [v[0] for v in vals], xerr=[v[1] for v in vals], color="#4477aa")
+        ax.invert_yaxis()
+        ax.set_xlabel("test NDCG@10 (full ranking)")
+        ax.set_title(f"{ds}: NDCG@10 per model")
+        fig.tight_layout()
+        name = f"ndcg10_{ds}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+        # Cold-start vs all.
+        cold = [m for m in models if summary.get((ds, m, "test", "cold", "NDCG@10"))]
+        if cold:
+            fig, ax = plt.subplots(figsize=(8, 0.5 * len(cold) + 1.2))
+            y = range(len(cold))
+            ax.barh([i - 0.2 for i in y], [summary[(ds, m, "test", "all", "NDCG@10")][0] for m in cold], 0.4, label="all test cases")
+            ax.barh([i + 0.2 for i in y], [summary[(ds, m, "test", "cold", "NDCG@10")][0] for m in cold], 0.4, label="cold targets (<= 5 train interactions)")
+            ax.set_yticks(list(y), cold)
+            ax.invert_yaxis()
+            ax.set_xlabel("test NDCG@10")
+            ax.set_title(f"{ds}: cold-start vs all")
+            ax.legend(loc="lower right", fontsize=8)
+            fig.tight_layout()
+            name = f"cold_{ds}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            files.append(name)
+        # Training curves: validation NDCG@10 per epoch, first seed of each main / ablation model.
+        first = {}
+        for c in cells:
+            if c.dataset == ds and c.variant.name in models and c.variant.name not in first:
+                first[c.variant.name] = c.finetune_run
+        with store.connect(wh, create=False, read_only=True) as con:
+            curve = store.query(
+                con,
+                "SELECT run_id, epoch, value FROM metrics WHERE epoch >= 1 AND split = 'valid' "
+                "AND subset = 'all' AND metric = 'NDCG@10' AND run_id IN (SELECT unnest(?::VARCHAR[])) "
+                "ORDER BY run_id, epoch",
+                [list(first.values())],
+            ).to_pylist()
+        by_run: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        for r in curve:
+            by_run[r["run_id"]].append((r["epoch"], r["value"]))
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for m, rid in first.items():
+            pts = by_run.get(rid, [])
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+        ax.set_xlabel("fine-tuning epoch")
+        ax.set_ylabel("validation NDCG@10")
+        ax.set_title(f"{ds}: training curves (seed {min(c.seed for c in cells if c.dataset == ds)})")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"curves_{ds}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def machine() -> str:
+    return (
+        f"{platform.platform()}, {os.cpu_count()} CPU threads, Python {platform.python_version()}"
+    )
+
+
+def write_report(
+    name: str,
+    datasets: list[str],
+    cells: list[Cell],
+    notes: list[str],
+    budget: Budget,
+    command: str,
+    seconds: float,
+    wh: WarehouseConfig | None = None,
+    root: Path = Path("reports"),
+) -> Path:
+    """Write reports/<name>/{report.md, metrics.csv, *.png}; returns the report.md path."""
+    out = root / name
+    out.mkdir(parents=True, exist_ok=True)
+    rows = collect(cells, wh)
+    summary = summarise(rows)
+    with open(out / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "group", "model", "seed", "run_id", "split", "subset", "metric", "value"])
+        for r in rows:
+            w.writerow([r.dataset, r.group, r.model, r.seed, r.run_id, r.split, r.subset, r.metric, f"{r.value:.6g}"])
+    plots = _plots(rows, summary, datasets, cells, out, wh)
+
+    md = [
+        f"# Experiment report `{name}`",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {machine()}",
+        f"- Finished: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, git {git_commit()}, "
+        f"wall time {seconds / 60:.1f} min (runs reused from earlier invocations cost nothing)",
+        f"- {budget.describe()}",
+        "- Metrics: full ranking over all items, leave-one-out test split, best epoch by validation "
+        "Recall@20 (nothing is chosen on test); mean ± std over seeds.",
+        "- Cold: test cases whose target has <= 5 training interactions. Held-out setting: 10% of "
+        "the items are removed from every training sequence; `unseen` = test cases whose target "
+        "is one of them, scored inductively (SASRec cannot score an unseen item).",
+    ]
+    md += [f"- Note: {n}" for n in notes]
+    md += ["", "## Targets", ""] + targets(summary, datasets)
+    for ds in datasets:
+        md += ["", f"## {ds}", "", "### Main rows and ablations (test, all cases)", ""]
+        md += _table(summary, ds, _models(rows, ds, ("main", "ablation")), "all")
+        md += ["", "### Cold-start targets (test, <= 5 training interactions)", ""]
+        md += _table(summary, ds, _models(rows, ds, ("main", "ablation")), "cold", extra_n=True)
+        held = _models(rows, ds, ("cold-start",))
+        if held:
+            md += ["", "### 10% of items held out from training (test)", "", "All cases:", ""]
+            md += _table(summary, ds, held, "all")
+            md += ["", "Cases whose target is a held-out item (`unseen`):", ""]
+            md += _table(summary, ds, held, "unseen", extra_n=True)
+        cross = _models(rows, ds, ("cross-domain",))
+        if cross:
+            md += ["", "### Cross-domain (test, all cases)", ""]
+            md += _table(summary, ds, [*cross, "MSM4SR, no pre-training", "MSM4SR"], "all")
+        md += [""] + [f"![{p}]({p})" for p in plots if p.endswith(f"_{ds}.png")]
+    md += ["", "## Runs", "", "| dataset | model | seed | fine-tune run | pre-train run |", "|---|---|---|---|---|"]
+    for c in cells:
+        md.append(f"| {c.dataset} | {c.variant.name} | {c.seed} | `{c.finetune_run}` | `{c.pretrain_run or '–'}` |")
+    md += ["", "Query any number back: `msm4sr sql \"SELECT * FROM metrics WHERE run_id = '<run>' AND epoch = -1\"`.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
