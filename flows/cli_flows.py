@@ -1,4 +1,4 @@
-"""Flow commands: features, demo, serve, server start|stop|status."""
+"""Flow commands: features, demo, serve, deploy, server start|stop|status."""
 
 from __future__ import annotations
 
@@ -36,11 +36,23 @@ def features(
     dataset: Annotated[str | None, typer.Option(help="dataset name (default per source)")] = None,
     tag: Annotated[bool, typer.Option(help="run stage 1 (image tagging)")] = True,
     embed: Annotated[bool, typer.Option(help="run stage 2 (BERT embedding)")] = True,
+    task_runner: Annotated[str | None, typer.Option(help="local (one process) | dask; env MSM4SR_TASK_RUNNER")] = None,
+    workers: Annotated[int | None, typer.Option(help="local Dask cluster workers (implies dask); env MSM4SR_WORKERS")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler tcp://HOST:8786; env MSM4SR_DASK_ADDRESS")] = None,
+    shards: Annotated[int | None, typer.Option(help="shards per stage (default: one per Dask worker thread)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch/ONNX Runtime threads per Dask worker")] = None,
 ) -> None:
     """Run the features flow (ingest -> tag -> embed) with Prefect; print the run summary."""
-    from flows.features import features_flow
+    from flows.features import ClusterConfig, features_flow
 
-    summary = features_flow(source=source, path=str(path) if path else None, dataset=dataset, tag=tag, embed=embed)
+    if workers is not None and task_runner is None:
+        task_runner = "dask"
+    cluster = dict(task_runner=task_runner, workers=workers, dask_address=dask_address, shards=shards, threads=threads)
+    try:  # a bad value fails here, before Prefect starts
+        ClusterConfig(**{k.replace("dask_", ""): v for k, v in cluster.items() if v is not None})
+    except ValueError as e:
+        fail(e)
+    summary = features_flow(source=source, path=str(path) if path else None, dataset=dataset, tag=tag, embed=embed, **cluster)
     console.print_json(json.dumps(summary, default=str))
 
 
@@ -119,6 +131,9 @@ def serve(
     dataset: Annotated[str, typer.Option(help="dataset of both flows")] = "ml-1m",
     tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
     embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
+    task_runner: Annotated[str | None, typer.Option(help="features stages: local | dask (default: env MSM4SR_TASK_RUNNER at run time)")] = None,
+    workers: Annotated[int | None, typer.Option(help="local Dask cluster workers of each features run")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler for the features stages")] = None,
 ) -> None:
     """Register both flows as scheduled deployments and run them (needs `msm4sr server start`)."""
     from prefect import serve as prefect_serve
@@ -130,7 +145,8 @@ def serve(
     sched = _load_yaml(config).get("schedules", {})
     features_cron = sched.get("features_cron", features_cron)
     train_cron = sched.get("train_cron", train_cron)
-    unknown = set(sched) - {"features_cron", "train_cron", "source", "path", "dataset", "tag", "embed"}
+    cluster_keys = {"task_runner", "workers", "dask_address"}
+    unknown = set(sched) - {"features_cron", "train_cron", "source", "path", "dataset", "tag", "embed", *cluster_keys}
     if unknown:
         fail(f"unknown keys in schedules: {sorted(unknown)}")
     source = sched.get("source", source)
@@ -138,20 +154,68 @@ def serve(
     dataset = sched.get("dataset", dataset)
     tag = sched.get("tag", tag)
     embed = sched.get("embed", embed)
+    given = {"task_runner": task_runner, "workers": workers, "dask_address": dask_address}
+    cluster = {k: sched.get(k, v) for k, v in given.items() if sched.get(k, v) is not None}
     if not os.environ.get("PREFECT_API_URL"):
         info = server.running()
         if info is None:
             fail("schedules need a Prefect server: run `msm4sr server start` first (or set PREFECT_API_URL)")
         os.environ["PREFECT_API_URL"] = info.url
     err.print(f"serving on {os.environ['PREFECT_API_URL']}: features '{features_cron}', train '{train_cron}' (Ctrl-C stops)")
+    from prefect.deployments.runner import EntrypointType
+
+    module = EntrypointType.MODULE_PATH  # not flows/features.py: see `deploy`
     prefect_serve(
         features_flow.to_deployment(
             name="features",
+            entrypoint_type=module,
             cron=features_cron,
-            parameters={"source": source, "path": path, "dataset": dataset, "tag": tag, "embed": embed},
+            parameters={"source": source, "path": path, "dataset": dataset, "tag": tag, "embed": embed, **cluster},
         ),
-        train_flow.to_deployment(name="train", cron=train_cron, parameters={"dataset": dataset}),
+        train_flow.to_deployment(name="train", entrypoint_type=module, cron=train_cron, parameters={"dataset": dataset}),
     )
+
+
+def deploy(
+    pool: Annotated[str, typer.Option(help="Prefect work pool (`prefect work-pool create NAME --type process`)")] = "msm4sr",
+    source: Annotated[str | None, typer.Option(help="code every worker can read: a folder or a git URL (default: this checkout)")] = None,
+    features_cron: Annotated[str | None, typer.Option(help="cron of the features flow (none: run on demand)")] = "0 * * * *",
+    train_cron: Annotated[str | None, typer.Option(help="cron of the train flow (none: run on demand)")] = "0 3 * * *",
+    source_kind: Annotated[str, typer.Option("--source-kind", help="features source: movielens | amazon-office")] = "movielens",
+    path: Annotated[str | None, typer.Option(help="source data folder as the workers see it")] = None,
+    dataset: Annotated[str, typer.Option(help="dataset of both flows")] = "ml-1m",
+    tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
+    embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
+    task_runner: Annotated[str | None, typer.Option(help="features stages: local | dask (default: the worker's env MSM4SR_TASK_RUNNER)")] = None,
+    workers: Annotated[int | None, typer.Option(help="local Dask cluster workers of each features run")] = None,
+    dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler for the features stages")] = None,
+) -> None:
+    """Deploy the features and train flows to a work pool; `prefect worker start --pool POOL` runs them."""
+    from prefect import Flow
+
+    from flows import server
+
+    if not os.environ.get("PREFECT_API_URL"):
+        info = server.running()
+        if info is None:
+            fail("a work pool lives on a Prefect server: run `msm4sr server start` (or set PREFECT_API_URL)")
+        os.environ["PREFECT_API_URL"] = info.url
+    src = source or str(Path(__file__).resolve().parents[1])
+    given = {"task_runner": task_runner, "workers": workers, "dask_address": dask_address}
+    params = {"source": source_kind, "path": path, "dataset": dataset, "tag": tag, "embed": embed}
+    params |= {k: v for k, v in given.items() if v is not None}
+    for name, entry, cron, p in (
+        # Module entrypoints: a file entrypoint puts flows/ first on sys.path, where features.py
+        # would shadow the features package in every process the run starts (Dask workers).
+        ("features", "flows.features.features_flow", features_cron, params),
+        ("train", "flows.train.train_flow", train_cron, {"dataset": dataset}),
+    ):
+        flow_obj = Flow.from_source(source=src, entrypoint=entry)
+        dep_id = flow_obj.deploy(
+            name=name, work_pool_name=pool, cron=cron or None, parameters=p, print_next_steps=False
+        )
+        console.print(f"deployed {flow_obj.name}/{name} ({dep_id}) to pool {pool!r}, cron {cron or 'none'}")
+    console.print(f"start a worker: prefect worker start --pool {pool}   (PREFECT_API_URL={os.environ['PREFECT_API_URL']})")
 
 
 @server_app.command("start")
@@ -187,4 +251,5 @@ def register(app: typer.Typer) -> None:
     app.command("features")(features)
     app.command("demo")(demo)
     app.command("serve")(serve)
+    app.command("deploy")(deploy)
     app.add_typer(server_app, name="server")

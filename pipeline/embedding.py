@@ -40,6 +40,7 @@ from features.runlog import Report, log_run, new_run_id
 from features.store import WarehouseConfig
 from pipeline import sentences as sent
 from pipeline.sentences import SentenceConfig, TextStats, text_sha256
+from pipeline.shards import Shard, ShardResult, measure, set_threads, split
 
 POOLINGS = ("mean", "cls")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -535,6 +536,56 @@ def _embed(
 ) -> dict[str, str]:
     """The stage's work; fills `summary` and returns an example per bad-text kind."""
     dataset, version = summary.dataset, summary.encoder_version
+    strings, counts, examples = _prepare(con, summary, clock, tagger_version, sentence_cfg)
+    with clock.step("read"):
+        missing = missing_keys(con, list(strings), version)
+    todo_shas = sorted(missing)
+    todo = [strings[h] for h in todo_shas]
+
+    n_truncated = 0
+    if todo:
+        with clock.step("load_model"):
+            enc = load_encoder(cfg)
+        bar = tqdm(
+            total=len(todo),
+            desc=f"embed {dataset}",
+            unit="sentence",
+            file=sys.stderr,
+            disable=not progress,
+            smoothing=0.1,
+        )
+        try:
+            n_truncated = _encode_write(con, enc, todo, todo_shas, clock, bar)
+        finally:
+            bar.close()
+        dim: int | None = enc.dim
+    else:
+        dim = None
+    counts["token_truncated"] = n_truncated
+    with clock.step("write"):
+        _record_version(con, cfg, version, dim)
+
+    summary.n_encoded = len(todo)
+    summary.n_cached = len(strings) - len(todo)
+    summary.n_truncated = n_truncated
+    summary.bad_text = counts
+    summary.snapshot_id = store.snapshot_id(con)
+    return examples
+
+
+def _prepare(
+    con: Any,
+    summary: EmbedSummary,
+    clock: _Clock,
+    tagger_version: str | None,
+    sentence_cfg: SentenceConfig,
+) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
+    """Split the items into sentences (written to item_sentences), read the keyword texts.
+
+    Fills summary's item, sentence and string counts; returns (sha256 -> string of every
+    string the dataset needs, bad-text counts, an example per bad-text kind).
+    """
+    dataset = summary.dataset
     with clock.step("read"):
         items = store.query(
             con,
@@ -557,60 +608,42 @@ def _embed(
         strings.setdefault(text_sha256(s), s)
     for s in kw_texts:
         strings.setdefault(text_sha256(s), s)
-    with clock.step("read"):
-        missing = missing_keys(con, list(strings), version)
-    todo_shas = sorted(missing)
-    todo = [strings[h] for h in todo_shas]
-
     counts = stats.as_dict()
     counts["keyword_text_empty"] = kw_empty
-    n_truncated = 0
-    if todo:
-        with clock.step("load_model"):
-            enc = load_encoder(cfg)
-        with clock.step("tokenize"):
-            ids = enc.tokenize(todo)
-        # Chunks in token-length order: each chunk's batches pad little; commit per chunk.
-        order = sorted(range(len(todo)), key=lambda i: min(len(ids[i]), cfg.max_length))
-        bar = tqdm(
-            total=len(todo),
-            desc=f"embed {dataset}",
-            unit="sentence",
-            file=sys.stderr,
-            disable=not progress,
-            smoothing=0.1,
-        )
-        try:
-            for s in range(0, len(order), cfg.write_every):
-                idx = order[s : s + cfg.write_every]
-                with clock.step("encode"):
-                    out = enc.encode_ids([ids[i] for i in idx], bar)
-                n_truncated += int(out.truncated.sum())
-                with clock.step("write"):
-                    rows = _embedding_rows(
-                        [todo[i] for i in idx], [todo_shas[i] for i in idx], version, out
-                    )
-                    store.upsert(con, "text_embeddings", rows)
-        finally:
-            bar.close()
-        dim: int | None = enc.dim
-    else:
-        dim = None
-    counts["token_truncated"] = n_truncated
-    with clock.step("write"):
-        _record_version(con, cfg, version, dim)
-
     summary.n_items = items.num_rows
     summary.n_sentences = sent_rows.num_rows
     summary.n_keyword_texts = len(kw_texts)
     summary.n_strings = len(strings)
-    summary.n_encoded = len(todo)
-    summary.n_cached = len(strings) - len(todo)
-    summary.n_truncated = n_truncated
     summary.n_items_without_text = counts[sent.NO_SENTENCE]
-    summary.bad_text = counts
-    summary.snapshot_id = store.snapshot_id(con)
-    return stats.examples
+    return strings, counts, stats.examples
+
+
+def _encode_write(
+    con: Any,
+    enc: TextEncoder,
+    todo: Sequence[str],
+    todo_shas: Sequence[str],
+    clock: _Clock,
+    bar: tqdm | None = None,
+) -> int:
+    """Encode `todo` and upsert the rows every `write_every` strings; return n truncated."""
+    cfg = enc.cfg
+    with clock.step("tokenize"):
+        ids = enc.tokenize(todo)
+    # Chunks in token-length order: each chunk's batches pad little; commit per chunk.
+    order = sorted(range(len(todo)), key=lambda i: min(len(ids[i]), cfg.max_length))
+    n_truncated = 0
+    for s in range(0, len(order), cfg.write_every):
+        idx = order[s : s + cfg.write_every]
+        with clock.step("encode"):
+            out = enc.encode_ids([ids[i] for i in idx], bar)
+        n_truncated += int(out.truncated.sum())
+        with clock.step("write"):
+            rows = _embedding_rows(
+                [todo[i] for i in idx], [todo_shas[i] for i in idx], enc.version, out
+            )
+            store.upsert(con, "text_embeddings", rows)
+    return n_truncated
 
 
 def _finish_run(
@@ -620,9 +653,10 @@ def _finish_run(
     status: str,
     examples: dict[str, str],
     error: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Write the pipeline_runs row and one data_report row per bad-text kind seen."""
-    info = summary.as_dict()
+    info = summary.as_dict() | (extra or {})
     info.pop("run_id")
     if error:
         info["error"] = error
@@ -640,3 +674,148 @@ def _finish_run(
         report,
         status,
     )
+
+
+# --------------------------------------------------------------------------- sharded (a cluster)
+# The same stage split for a task runner (pipeline/shards.py): embed_plan once (sentences
+# written, strings counted), embed_shard on any number of worker processes at once (each loads
+# the encoder once: load_encoder caches it per process), embed_finish once.
+
+
+@dataclass
+class EmbedPlan:
+    """A sharded embedding run: small and picklable (no strings), sent to every shard."""
+
+    cfg: EncoderConfig
+    wh: WarehouseConfig
+    shards: list[Shard]
+    summary: EmbedSummary  # counts known when planned (items, sentences, strings, bad text)
+    examples: dict[str, str]  # an example per bad-text kind
+    started: datetime
+    n_missing: int  # strings missing when planned (the shards find theirs again)
+    tagger_version: str | None = None  # embed keyword texts of this tagger version only
+    threads: int | None = None  # torch intra-op threads per shard process (None: leave)
+    t0: float = 0.0  # time.time() at the start (wall seconds of the stage across processes)
+
+
+def embed_plan(
+    dataset: str,
+    cfg: EncoderConfig | None = None,
+    wh: WarehouseConfig | None = None,
+    shards: int = 2,
+    *,
+    tagger_version: str | None = None,
+    sentence_cfg: SentenceConfig | None = None,
+    threads: int | None = None,
+) -> EmbedPlan:
+    """Write item_sentences, count the missing strings and split them in `shards`."""
+    wall, started = time.time(), datetime.now(UTC)
+    cfg = cfg or EncoderConfig()
+    wh = wh or WarehouseConfig()
+    parts = split(shards)
+    clock = _Clock()
+    with clock.step("version"):
+        version = encoder_version(cfg)
+    summary = EmbedSummary(dataset, version, run_id=new_run_id("embed", dataset))
+    with store.connect(wh) as con:
+        strings, counts, examples = _prepare(
+            con, summary, clock, tagger_version, sentence_cfg or SentenceConfig()
+        )
+        with clock.step("read"):
+            n_missing = len(missing_keys(con, list(strings), version))
+    summary.bad_text = counts
+    summary.seconds = {f"plan_{k}": v for k, v in clock.done().items()}
+    return EmbedPlan(
+        cfg, wh, parts, summary, examples, started, n_missing, tagger_version, threads, wall
+    )
+
+
+def shard_strings(con: Any, plan: EmbedPlan, shard: Shard) -> dict[str, str]:
+    """sha256 -> string of the dataset's strings (sentences, keyword texts) in `shard`."""
+    rows = con.execute(
+        "SELECT DISTINCT text_sha256, sentence FROM item_sentences "
+        f"WHERE dataset = ? AND {shard.sql('text_sha256')}",
+        [plan.summary.dataset],
+    ).fetchall()
+    strings = dict(rows)
+    for s in keyword_texts(con, plan.summary.dataset, plan.tagger_version)[0]:
+        h = text_sha256(s)
+        if shard.owns(h):
+            strings.setdefault(h, s)
+    return strings
+
+
+def embed_shard(plan: EmbedPlan, shard: Shard) -> ShardResult:
+    """Encode the missing strings of one shard and commit them in chunks (any worker process)."""
+    res = ShardResult(shard.index)
+    clock = _Clock()
+    version = plan.summary.encoder_version
+    with measure(res):
+        cpu = time.process_time()
+        set_threads(plan.threads)
+        with store.connect(plan.wh, create=False) as con:
+            with clock.step("read"):
+                strings = shard_strings(con, plan, shard)
+                todo_shas = sorted(missing_keys(con, list(strings), version))
+            todo = [strings[h] for h in todo_shas]
+            n_truncated, dim = 0, None
+            if todo:
+                with clock.step("load_model"):
+                    cached = list(_ENCODERS.values())
+                    enc = load_encoder(plan.cfg)
+                    res.loaded_model = all(enc is not c for c in cached)
+                if enc.version != version:
+                    raise ValueError(
+                        f"this worker's encoder files give encoder_version={enc.version!r}, the "
+                        f"plan has {version!r}: every worker needs the same model ({plan.cfg.model})"
+                    )
+                res.startup_cpu_seconds = round(time.process_time() - cpu, 3)
+                n_truncated = _encode_write(con, enc, todo, todo_shas, clock)
+                dim = enc.dim
+        res.n_done = len(todo)
+        res.counts = {"n_truncated": n_truncated} | ({"dim": dim} if dim else {})
+        res.seconds.update({k: round(v, 3) for k, v in clock.seconds.items()})
+    return res
+
+
+def embed_finish(
+    plan: EmbedPlan, results: Sequence[ShardResult], error: str | None = None
+) -> EmbedSummary:
+    """Sum the shards, record the encoder version and write the stage's one pipeline_runs row.
+
+    seconds: the plan's steps ("plan_*"), each shard step as its slowest shard (the wall time
+    of that step across the workers) and "total", the stage's wall time.
+    """
+    summary = EmbedSummary(**{**asdict(plan.summary), "bad_text": dict(plan.summary.bad_text)})
+    summary.n_encoded = sum(r.n_done for r in results)
+    summary.n_cached = summary.n_strings - summary.n_encoded
+    summary.n_truncated = sum(r.counts.get("n_truncated", 0) for r in results)
+    summary.bad_text["token_truncated"] = summary.n_truncated
+    seconds = dict(plan.summary.seconds)
+    for r in results:
+        for k, v in r.seconds.items():
+            if k != "total":
+                seconds[k] = max(seconds.get(k, 0.0), v)
+    dims = {r.counts["dim"] for r in results if "dim" in r.counts}
+    extra = {
+        "n_missing_at_plan": plan.n_missing,
+        "shards": [asdict(r) for r in results],
+        "n_shards": len(plan.shards),
+        "n_workers": len({r.worker for r in results}),
+    }
+    with store.connect(plan.wh, create=False) as con:
+        if not error:
+            _record_version(con, plan.cfg, summary.encoder_version, dims.pop() if dims else None)
+        summary.snapshot_id = store.snapshot_id(con)
+        seconds["total"] = round(time.time() - plan.t0, 3)
+        summary.seconds = seconds
+        _finish_run(
+            con,
+            summary,
+            plan.started,
+            "failed" if error else "finished",
+            plan.examples,
+            error=error,
+            extra=extra,
+        )
+    return summary

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import queue
 import sys
@@ -45,6 +46,7 @@ from features import contract, store
 from features.runlog import log_run, new_run_id
 from features.store import WarehouseConfig
 from pipeline import tagger_models as tm
+from pipeline.shards import Shard, ShardResult, measure, split
 
 # Bump when decoding, preparing or merging changes what a model sees or what a row holds.
 TAGGER_RECIPE = 2
@@ -53,6 +55,8 @@ NO_KEYWORDS = "no_keywords"  # decoded and run, but no label passed min_score / 
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -539,12 +543,14 @@ class ChunkWriter:
             raise self.error
 
 
-def _todo_sql(retry_failed: bool) -> str:
+def _todo_sql(retry_failed: bool, shard: Shard | None = None) -> str:
     done = "k.status = 'tagged'" if retry_failed else "TRUE"
+    mine = shard.sql("i.sha256") if shard else "TRUE"
     return f"""
         SELECT i.sha256, min(i.local_path) AS local_path
         FROM item_images i
         WHERE i.dataset = ? AND i.status = '{contract.IMAGE_OK}' AND i.sha256 IS NOT NULL
+          AND {mine}
           AND NOT EXISTS (SELECT 1 FROM image_keywords k
                           WHERE k.sha256 = i.sha256 AND k.tagger_version = ? AND {done})
         GROUP BY i.sha256
@@ -667,7 +673,8 @@ def tag_dataset(
             "FROM item_images WHERE dataset = ?",
             [contract.IMAGE_OK, dataset],
         ).fetchall()[0]
-        if n_refs == 0:
+        n_items = con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]).fetchone()[0]
+        if n_refs == 0 and n_items == 0:
             known = [
                 r[0]
                 for r in con.execute(
@@ -675,9 +682,11 @@ def tag_dataset(
                 ).fetchall()
             ]
             raise ValueError(
-                f"{dataset=} has no rows in item_images (datasets with images: {known}); "
-                f"run `msm4sr ingest ...` first"
+                f"{dataset=} has no items and no rows in item_images (datasets with images: "
+                f"{known}); run `msm4sr ingest ...` first"
             )
+        if n_refs == 0:
+            log.info("%s has no images (a text-only dataset): nothing to tag", dataset)
         todo = store.query(con, _todo_sql(cfg.retry_failed), [dataset, tagger.version])
         _record_version(con, tagger)
         if todo.num_rows:
@@ -726,5 +735,162 @@ def tag_dataset(
             started,
             _json({**base, **asdict(summary), "images_per_s": summary.images_per_s}),
             summary.snapshot_id,
+        )
+    return summary
+
+
+# --------------------------------------------------------------------------- sharded (a cluster)
+# The same stage split for a task runner (pipeline/shards.py): tag_plan once, tag_shard on any
+# number of worker processes at once, tag_finish once. Rows are the same as tag_dataset's.
+
+_TAGGERS: dict[str, Tagger] = {}  # per process: config JSON -> loaded Tagger
+_WARM: set[int] = set()  # ids of the cached taggers already warmed up
+
+
+def load_tagger(cfg: TaggerConfig, version: str | None = None) -> tuple[Tagger, bool]:
+    """The Tagger of `cfg`, built once per process; (tagger, built by this call).
+
+    With `version`, a cached tagger of another version (model files changed on disk) is
+    rebuilt once; still another version raises, naming both.
+    """
+    key = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    tagger = _TAGGERS.get(key)
+    built = tagger is None or (version is not None and tagger.version != version)
+    if built:
+        tagger = _TAGGERS[key] = Tagger(cfg)
+    assert tagger is not None
+    if version is not None and tagger.version != version:
+        raise ValueError(
+            f"this worker's models give tagger_version={tagger.version!r}, the plan has "
+            f"{version!r}: every worker needs the same model files ({cfg.models})"
+        )
+    return tagger, built
+
+
+@dataclass
+class TagPlan:
+    """A sharded tagging run: small and picklable (no keys), sent to every shard."""
+
+    dataset: str
+    cfg: TaggerConfig
+    wh: WarehouseConfig
+    shards: list[Shard]
+    run_id: str
+    started: datetime
+    tagger_version: str
+    models: str  # "+"-joined model sources
+    n_images: int  # distinct ok images of the dataset
+    n_missing: int  # keys missing when planned (the shards find theirs again)
+    plan_seconds: float  # loading the models here, counting, recording the version
+    t0: float = 0.0  # time.time() at the start (wall seconds of the stage across processes)
+
+
+def tag_plan(
+    dataset: str,
+    cfg: TaggerConfig | None = None,
+    wh: WarehouseConfig | None = None,
+    shards: int = 2,
+) -> TagPlan:
+    """Count the dataset's missing (sha256, tagger_version) keys and split them in `shards`."""
+    t0, wall = time.perf_counter(), time.time()
+    started = datetime.now(UTC)
+    cfg = cfg or TaggerConfig()
+    wh = wh or WarehouseConfig()
+    parts = split(shards)
+    tagger, _ = load_tagger(cfg)
+    with store.connect(wh) as con:
+        n_refs, n_images = con.execute(
+            "SELECT count(*), count(DISTINCT sha256) FILTER (WHERE status = ?) "
+            "FROM item_images WHERE dataset = ?",
+            [contract.IMAGE_OK, dataset],
+        ).fetchall()[0]
+        n_items = con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]).fetchall()
+        if n_refs == 0 and n_items[0][0] == 0:
+            raise ValueError(f"{dataset=} has no items and no rows in item_images: ingest it first")
+        n_missing = con.execute(
+            f"SELECT count(*) FROM ({_todo_sql(cfg.retry_failed)})", [dataset, tagger.version]
+        ).fetchall()[0][0]
+        _record_version(con, tagger)
+    return TagPlan(
+        dataset=dataset,
+        cfg=cfg,
+        wh=wh,
+        shards=parts,
+        run_id=new_run_id("tag", dataset),
+        started=started,
+        tagger_version=tagger.version,
+        models=tagger.name,
+        n_images=int(n_images),
+        n_missing=int(n_missing),
+        plan_seconds=time.perf_counter() - t0,
+        t0=wall,
+    )
+
+
+def tag_shard(plan: TagPlan, shard: Shard) -> ShardResult:
+    """Tag the missing images of one shard and commit them in chunks (any worker process)."""
+    res = ShardResult(shard.index)
+    with measure(res):
+        t, cpu = time.perf_counter(), time.process_time()
+        tagger, res.loaded_model = load_tagger(plan.cfg, plan.tagger_version)
+        with store.connect(plan.wh, create=False) as con:
+            todo = store.query(
+                con, _todo_sql(plan.cfg.retry_failed, shard), [plan.dataset, plan.tagger_version]
+            )
+            if todo.num_rows and id(tagger) not in _WARM:
+                tagger.warm_up()  # once per process
+                _WARM.add(id(tagger))
+            res.seconds["startup"] = round(time.perf_counter() - t, 3)
+            res.startup_cpu_seconds = round(time.process_time() - cpu, 3)
+            desc = f"tag {plan.dataset} shard {shard.index}/{shard.count}"
+            counts = _stream(con, tagger, todo, plan.cfg, plan.wh, False, desc)
+        res.n_done = todo.num_rows
+        res.counts = dict(sorted(counts.items()))
+    return res
+
+
+def tag_finish(
+    plan: TagPlan, results: Sequence[ShardResult], error: str | None = None
+) -> TagSummary:
+    """Sum the shards and write the stage's one pipeline_runs row (status failed with `error`)."""
+    counts: Counter[str] = Counter()
+    for r in results:
+        counts.update(r.counts)
+    n_new = sum(r.n_done for r in results)
+    startup = plan.plan_seconds + max((r.seconds.get("startup", 0.0) for r in results), default=0.0)
+    with store.connect(plan.wh, create=False) as con:
+        summary = TagSummary(
+            n_images=plan.n_images,
+            n_new=n_new,
+            n_tagged=counts.get(TAGGED, 0),
+            n_failed=n_new - counts.get(TAGGED, 0),
+            seconds=time.time() - plan.t0,
+            tagger_version=plan.tagger_version,
+            snapshot_id=store.snapshot_id(con),
+            startup_seconds=startup,
+            by_status=dict(sorted(counts.items())),
+        )
+        info = {
+            "tagger_version": plan.tagger_version,
+            "models": plan.models,
+            "n_missing_at_plan": plan.n_missing,
+            "config": asdict(plan.cfg),
+            **asdict(summary),
+            "images_per_s": summary.images_per_s,
+            "shards": [asdict(r) for r in results],
+            "n_shards": len(plan.shards),
+            "n_workers": len({r.worker for r in results}),
+        }
+        if error:
+            info["error"] = error
+        log_run(
+            con,
+            plan.run_id,
+            "tag",
+            plan.dataset,
+            plan.started,
+            _json(info),
+            summary.snapshot_id,
+            status=f"failed: {error[:200]}" if error else "finished",
         )
     return summary
