@@ -29,9 +29,12 @@ def report(
         int | None, typer.Option(help="seeds of the main rows (default: the budget's 3)")
     ] = None,
     only: Annotated[
-        str | None, typer.Option(help="comma-separated groups: main,ablation,cold-start,cross-domain")
+        str | None,
+        typer.Option(help="comma-separated groups: main,ablation,cold-start,cross-domain"),
     ] = None,
-    fresh: Annotated[bool, typer.Option(help="retrain every cell instead of reusing finished runs")] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="retrain every cell instead of reusing finished runs")
+    ] = False,
     out: Annotated[Path, typer.Option(help="reports root folder")] = Path("reports"),
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML base config (sections as for train)")
@@ -75,7 +78,9 @@ def report(
 
     def on_cell(i: int, n: int, c) -> None:  # noqa: ANN001
         how = "reused" if c.reused else f"trained in {c.seconds / 60:.1f} min"
-        console.print(f"[{i}/{n}] {c.dataset} · {c.variant.name} · seed {c.seed}: {how} ({c.finetune_run})")
+        console.print(
+            f"[{i}/{n}] {c.dataset} · {c.variant.name} · seed {c.seed}: {how} ({c.finetune_run})"
+        )
 
     console.print(b.describe())
     t0 = time.perf_counter()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from features import store
+from features.store import WarehouseConfig
 from tests.trainer_fixtures import ML_CUT, OFFICE_CUT, built_warehouse, warehouse_copy
 from trainer.config import Config, M2SEConfig
 from trainer.data import DataConfig, hold_out_items, load_dataset
@@ -21,7 +22,6 @@ from trainer.experiments import BUDGETS, plan, run_key
 from trainer.loop import without_empty_modality
 from trainer.model import M2SE
 from trainer.sasrec import SASRec
-from features.store import WarehouseConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -62,7 +62,9 @@ HOLDOUT = {"data": {"holdout_items": 0.1}}
 def variants(other: str | None) -> list[Variant]:
     """The matrix for one dataset; `other` = the dataset of the cross-domain rows (or None)."""
     rows = [
-        Variant("SASRec (ID)", "main", pretrain=None, finetune=_deep(SASREC, NO_WD_LR3), main_seeds=True),
+        Variant(
+            "SASRec (ID)", "main", pretrain=None, finetune=_deep(SASREC, NO_WD_LR3), main_seeds=True
+        ),
         Variant(
             "Text-only pre-trained",
             "main",
@@ -74,10 +76,15 @@ def variants(other: str | None) -> list[Variant]:
         Variant("no mixup", "ablation", common={"model": {"mixup": False}}, needs_images=True),
         Variant("no CMCL", "ablation", pretrain={"pretrain": {"cmcl": False}}, needs_images=True),
         Variant(
-            "no NIP-image", "ablation", pretrain={"pretrain": {"nip_image": False}}, needs_images=True
+            "no NIP-image",
+            "ablation",
+            pretrain={"pretrain": {"nip_image": False}},
+            needs_images=True,
         ),
         Variant("text only", "ablation", common={"model": {"modalities": "text"}}),
-        Variant("image only", "ablation", common={"model": {"modalities": "image"}}, needs_images=True),
+        Variant(
+            "image only", "ablation", common={"model": {"modalities": "image"}}, needs_images=True
+        ),
         Variant("inductive fine-tuning", "ablation", finetune=INDUCTIVE),
         Variant(
             "SASRec (ID), 10% items held out",
@@ -86,7 +93,9 @@ def variants(other: str | None) -> list[Variant]:
             pretrain=None,
             finetune=_deep(SASREC, NO_WD_LR3),
         ),
-        Variant("MSM4SR inductive, 10% items held out", "cold-start", common=HOLDOUT, finetune=INDUCTIVE),
+        Variant(
+            "MSM4SR inductive, 10% items held out", "cold-start", common=HOLDOUT, finetune=INDUCTIVE
+        ),
     ]
     if other:
         rows.append(Variant(f"MSM4SR pre-trained on {other}", "cross-domain", pretrain_on=other))
@@ -214,7 +223,12 @@ def stage_configs(
     common = _deep(
         {"data": {"dataset": dataset, **versions}},
         {
-            "pretrain": {"max_epochs": p_ep, "patience": patience, "seed": seed, "batch_size": batch},
+            "pretrain": {
+                "max_epochs": p_ep,
+                "patience": patience,
+                "seed": seed,
+                "batch_size": batch,
+            },
             "finetune": {
                 "max_epochs": f_ep,
                 "patience": patience,
@@ -249,7 +263,9 @@ def _run(
     if not fresh and _finished(run_id, wh):
         log.info("reusing finished run %s", run_id)
         return True
-    resume = run_id if (checkpoint_root(cfg, wh) / run_id / "last.pt").is_file() and not fresh else None
+    resume = (
+        run_id if (checkpoint_root(cfg, wh) / run_id / "last.pt").is_file() and not fresh else None
+    )
     fn: Callable[..., RunResult] = pretrain if kind == "pretrain" else finetune
     kw: dict[str, Any] = {"run_id": run_id, "resume": resume}
     if kind == "finetune":
@@ -300,7 +316,14 @@ def run_matrix(
         cell = Cell(ds, v, seed)
         if v.pretrain_on:
             src = v.pretrain_on
-            pre_cfg, _ = stage_configs(base, budget, src, Variant("MSM4SR", "main"), seed, versions.get(src) or feature_versions(src, wh))
+            pre_cfg, _ = stage_configs(
+                base,
+                budget,
+                src,
+                Variant("MSM4SR", "main"),
+                seed,
+                versions.get(src) or feature_versions(src, wh),
+            )
             _, ft_cfg = stage_configs(base, budget, ds, v, seed, versions[ds])
             ft_cfg = merge(ft_cfg, {"model": pre_cfg.to_dict()["model"]})
         else:

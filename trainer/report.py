@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from features import store
 from features.store import WarehouseConfig
@@ -146,8 +145,14 @@ def targets(summary: dict, datasets: list[str]) -> list[str]:
     return lines
 
 
-def _plots(rows: list[Row], summary: dict, datasets: list[str], cells: list[Cell], out: Path,
-           wh: WarehouseConfig | None) -> list[str]:
+def _plots(
+    rows: list[Row],
+    summary: dict,
+    datasets: list[str],
+    cells: list[Cell],
+    out: Path,
+    wh: WarehouseConfig | None,
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,7 +160,11 @@ def _plots(rows: list[Row], summary: dict, datasets: list[str], cells: list[Cell
 
     files = []
     for ds in datasets:
-        models = [m for m in _models(rows, ds, ("main", "ablation")) if summary.get((ds, m, "test", "all", "NDCG@10"))]
+        models = [
+            m
+            for m in _models(rows, ds, ("main", "ablation"))
+            if summary.get((ds, m, "test", "all", "NDCG@10"))
+        ]
         if not models:
             continue
         # Bar chart of test NDCG@10 (mean +- std over seeds).
@@ -175,8 +184,18 @@ def _plots(rows: list[Row], summary: dict, datasets: list[str], cells: list[Cell
         if cold:
             fig, ax = plt.subplots(figsize=(8, 0.5 * len(cold) + 1.2))
             y = range(len(cold))
-            ax.barh([i - 0.2 for i in y], [summary[(ds, m, "test", "all", "NDCG@10")][0] for m in cold], 0.4, label="all test cases")
-            ax.barh([i + 0.2 for i in y], [summary[(ds, m, "test", "cold", "NDCG@10")][0] for m in cold], 0.4, label="cold targets (<= 5 train interactions)")
+            ax.barh(
+                [i - 0.2 for i in y],
+                [summary[(ds, m, "test", "all", "NDCG@10")][0] for m in cold],
+                0.4,
+                label="all test cases",
+            )
+            ax.barh(
+                [i + 0.2 for i in y],
+                [summary[(ds, m, "test", "cold", "NDCG@10")][0] for m in cold],
+                0.4,
+                label="cold targets (<= 5 train interactions)",
+            )
             ax.set_yticks(list(y), cold)
             ax.invert_yaxis()
             ax.set_xlabel("test NDCG@10")
@@ -210,7 +229,9 @@ def _plots(rows: list[Row], summary: dict, datasets: list[str], cells: list[Cell
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
         ax.set_xlabel("fine-tuning epoch")
         ax.set_ylabel("validation NDCG@10")
-        ax.set_title(f"{ds}: training curves (seed {min(c.seed for c in cells if c.dataset == ds)})")
+        ax.set_title(
+            f"{ds}: training curves (seed {min(c.seed for c in cells if c.dataset == ds)})"
+        )
         ax.legend(fontsize=7)
         fig.tight_layout()
         name = f"curves_{ds}.png"
@@ -244,9 +265,23 @@ def write_report(
     summary = summarise(rows)
     with open(out / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["dataset", "group", "model", "seed", "run_id", "split", "subset", "metric", "value"])
+        w.writerow(
+            ["dataset", "group", "model", "seed", "run_id", "split", "subset", "metric", "value"]
+        )
         for r in rows:
-            w.writerow([r.dataset, r.group, r.model, r.seed, r.run_id, r.split, r.subset, r.metric, f"{r.value:.6g}"])
+            w.writerow(
+                [
+                    r.dataset,
+                    r.group,
+                    r.model,
+                    r.seed,
+                    r.run_id,
+                    r.split,
+                    r.subset,
+                    r.metric,
+                    f"{r.value:.6g}",
+                ]
+            )
     plots = _plots(rows, summary, datasets, cells, out, wh)
 
     md = [
@@ -281,12 +316,22 @@ def write_report(
             md += ["", "### Cross-domain (test, all cases)", ""]
             md += _table(summary, ds, [*cross, "MSM4SR, no pre-training", "MSM4SR"], "all")
         md += [""] + [f"![{p}]({p})" for p in plots if p.endswith(f"_{ds}.png")]
-    md += ["", "## Runs", "", "| dataset | model | seed | fine-tune run | pre-train run |", "|---|---|---|---|---|"]
+    md += [
+        "",
+        "## Runs",
+        "",
+        "| dataset | model | seed | fine-tune run | pre-train run |",
+        "|---|---|---|---|---|",
+    ]
     for c in cells:
-        md.append(f"| {c.dataset} | {c.variant.name} | {c.seed} | `{c.finetune_run}` | `{c.pretrain_run or '–'}` |")
-    md += ["", "Query any number back: `msm4sr sql \"SELECT * FROM metrics WHERE run_id = '<run>' AND epoch = -1\"`.", ""]
+        md.append(
+            f"| {c.dataset} | {c.variant.name} | {c.seed} | `{c.finetune_run}` | `{c.pretrain_run or '–'}` |"
+        )
+    md += [
+        "",
+        "Query any number back: `msm4sr sql \"SELECT * FROM metrics WHERE run_id = '<run>' AND epoch = -1\"`.",
+        "",
+    ]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path
-
-

@@ -43,7 +43,9 @@ class SASRec(nn.Module):
 
     # The M2SE interface -------------------------------------------------------------------
 
-    def all_item_features(self, feats: object = None, chunk: int = 65536) -> dict[str, torch.Tensor]:
+    def all_item_features(
+        self, feats: object = None, chunk: int = 65536
+    ) -> dict[str, torch.Tensor]:
         """{"id": [n_items + 1, H]} the item embedding table."""
         return {TABLE: self.item_embedding.weight}
 
@@ -81,5 +83,7 @@ class SASRec(nn.Module):
         out = self.encode(inputs, self.item_embedding(inputs))  # [B, L, H]
         b, t = (targets > 0).nonzero(as_tuple=True)
         q = out[b, t]  # [N, H]
-        ce = chunked_cross_entropy(q, self.item_embedding.weight[1:], targets[b, t] - 1, 1.0, loss_block)
+        ce = chunked_cross_entropy(
+            q, self.item_embedding.weight[1:], targets[b, t] - 1, 1.0, loss_block
+        )
         return LossOutput(ce, {"ce": float(ce.detach())}, int(len(b)))
