@@ -211,6 +211,20 @@ def test_unknown_dataset_is_a_clear_error(wh: WarehouseConfig, models_dir: Path)
         tag_dataset("nope", cfg(models_dir), wh, progress=False)
 
 
+def test_a_text_only_dataset_has_nothing_to_tag(tmp_path: Path, models_dir: Path) -> None:
+    """Amazon Office has no images: the features flow's tag stage must pass, logging a run."""
+    from tests.trainer_fixtures import OFFICE_CUT, warehouse_copy
+
+    wh = warehouse_copy(tmp_path / "wh")
+    s = tag_dataset(OFFICE_CUT, cfg(models_dir), wh, progress=False)
+    assert (s.n_images, s.n_new, s.n_tagged, s.n_failed) == (0, 0, 0, 0)
+    with store.connect(wh, create=False, read_only=True) as con:
+        runs = con.execute(
+            "SELECT status FROM pipeline_runs WHERE stage = 'tag' AND dataset = ?", [OFFICE_CUT]
+        ).fetchall()
+    assert runs == [("finished",)]
+
+
 def _png16(path: Path, rgb16: np.ndarray) -> Path:
     """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
     h, w, _ = rgb16.shape
