@@ -7,7 +7,7 @@ works (e.g. `ducklake:postgres:dbname=lake host=...` with `DATA_PATH 's3://bucke
 MSM4SR_LAKE_ATTACH / MSM4SR_LAKE_DATA. S3 credentials come from the standard AWS variables
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL) as
 a temporary DuckDB secret, or, when those are unset, from a persistent DuckDB secret
-(docs/cluster-warehouse.md).
+(docs/cluster.md).
 
 Writes go through `upsert` / `replace_dataset`, which MERGE on the contract's keys inside one
 transaction and skip the commit when nothing changed, so re-running a stage on the same input

@@ -1,6 +1,6 @@
 """Data-parallel training on several processes: torch DistributedDataParallel under torchrun.
 
-Launch (docs/cluster-trainer.md): `torchrun --nproc-per-node N -m flows.cli finetune ...`. Each
+Launch (docs/cluster.md): `torchrun --nproc-per-node N -m flows.cli finetune ...`. Each
 process reads RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun); without them, or with
 WORLD_SIZE=1, every function here is the identity and the trainer runs as one process.
 
