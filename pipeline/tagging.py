@@ -650,6 +650,30 @@ def _json(summary: dict[str, Any]) -> str:
     return json.dumps(summary, sort_keys=True, default=str)
 
 
+def _count_images(con: duckdb.DuckDBPyConnection, dataset: str) -> int:
+    """Distinct ok images of `dataset`; 0 for a text-only dataset; an unknown dataset raises."""
+    n_refs, n_images = con.execute(
+        "SELECT count(*), count(DISTINCT sha256) FILTER (WHERE status = ?) "
+        "FROM item_images WHERE dataset = ?",
+        [contract.IMAGE_OK, dataset],
+    ).fetchall()[0]
+    if n_refs == 0:
+        n_items = con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]).fetchone()
+        if not n_items or n_items[0] == 0:
+            known = [
+                r[0]
+                for r in con.execute(
+                    "SELECT DISTINCT dataset FROM item_images ORDER BY 1"
+                ).fetchall()
+            ]
+            raise ValueError(
+                f"{dataset=} has no items and no rows in item_images (datasets with images: "
+                f"{known}); run `msm4sr ingest ...` first"
+            )
+        log.info("%s has no images (a text-only dataset): nothing to tag", dataset)
+    return int(n_images)
+
+
 def tag_dataset(
     dataset: str,
     cfg: TaggerConfig | None = None,
@@ -668,25 +692,7 @@ def tag_dataset(
     tagger = Tagger(cfg)
     run_id = new_run_id("tag", dataset)
     with store.connect(wh) as con:
-        n_refs, n_images = con.execute(
-            "SELECT count(*), count(DISTINCT sha256) FILTER (WHERE status = ?) "
-            "FROM item_images WHERE dataset = ?",
-            [contract.IMAGE_OK, dataset],
-        ).fetchall()[0]
-        n_items = con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]).fetchone()[0]
-        if n_refs == 0 and n_items == 0:
-            known = [
-                r[0]
-                for r in con.execute(
-                    "SELECT DISTINCT dataset FROM item_images ORDER BY 1"
-                ).fetchall()
-            ]
-            raise ValueError(
-                f"{dataset=} has no items and no rows in item_images (datasets with images: "
-                f"{known}); run `msm4sr ingest ...` first"
-            )
-        if n_refs == 0:
-            log.info("%s has no images (a text-only dataset): nothing to tag", dataset)
+        n_images = _count_images(con, dataset)
         todo = store.query(con, _todo_sql(cfg.retry_failed), [dataset, tagger.version])
         _record_version(con, tagger)
         if todo.num_rows:
@@ -799,14 +805,7 @@ def tag_plan(
     parts = split(shards)
     tagger, _ = load_tagger(cfg)
     with store.connect(wh) as con:
-        n_refs, n_images = con.execute(
-            "SELECT count(*), count(DISTINCT sha256) FILTER (WHERE status = ?) "
-            "FROM item_images WHERE dataset = ?",
-            [contract.IMAGE_OK, dataset],
-        ).fetchall()[0]
-        n_items = con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]).fetchall()
-        if n_refs == 0 and n_items[0][0] == 0:
-            raise ValueError(f"{dataset=} has no items and no rows in item_images: ingest it first")
+        n_images = _count_images(con, dataset)
         n_missing = con.execute(
             f"SELECT count(*) FROM ({_todo_sql(cfg.retry_failed)})", [dataset, tagger.version]
         ).fetchall()[0][0]
