@@ -132,10 +132,13 @@ def test_run_ids_follow_the_configuration() -> None:
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 2, a, None)
 
 
-def test_plan_runs_main_rows_with_every_seed_first() -> None:
+def test_plan_runs_every_row_once_before_the_further_seeds() -> None:
     cells = plan(["a", "b"], BUDGETS["cpu"])
-    groups = [v.group for _, v, _ in cells]
-    assert groups == sorted(groups, key=["main", "ablation", "cold-start", "cross-domain"].index)
+    seeds = [s for _, _, s in cells]
+    assert seeds == sorted(seeds)
+    first = [v.group for _, v, s in cells if s == 2020]
+    assert first == sorted(first, key=["main", "ablation", "cold-start", "cross-domain"].index)
+    assert {v.group for _, v, s in cells if s != 2020} == {"main"}
     main = [(d, v.name, s) for d, v, s in cells if v.group == "main"]
     assert len(main) == 2 * 4 * 3  # 2 datasets x 4 main models x 3 seeds
     assert {s for d, v, s in cells if v.group != "main"} == {2020}

@@ -277,7 +277,8 @@ def _run(
 def plan(
     datasets: list[str], budget: Budget, only: Iterable[str] | None = None
 ) -> list[tuple[str, Variant, int]]:
-    """Every (dataset, variant, seed) of the matrix, main rows first so they finish first."""
+    """Every (dataset, variant, seed) of the matrix: the first seed of every row first, then the
+    further seeds of the main rows (an interrupted matrix still has every row once)."""
     only = set(only) if only else None
     cells = []
     for ds in datasets:
@@ -287,7 +288,7 @@ def plan(
                 continue
             for s in budget.seeds if v.main_seeds else budget.seeds[: budget.other_seeds]:
                 cells.append((ds, v, s))
-    cells.sort(key=lambda c: (GROUPS.index(c[1].group), c[2]))
+    cells.sort(key=lambda c: (c[2], GROUPS.index(c[1].group)))
     return cells
 
 
