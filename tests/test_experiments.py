@@ -185,3 +185,15 @@ def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     n_cells = md.count("\n| " + ML_CUT) + md.count("\n| " + OFFICE_CUT)
     assert f"({n_cells} cells, {n_cells} reused)" in again.stdout.replace("\n", " ")
+
+
+def test_cpu_budget_runs_sasrec_to_its_epoch_cap() -> None:
+    from trainer.experiments import stage_configs, variants
+
+    rows = {v.name: v for v in variants(None)}
+    b = BUDGETS["cpu"]
+    _, sas = stage_configs(Config(), b, "office", rows["SASRec (ID)"], 1, {})
+    _, ours = stage_configs(Config(), b, "office", rows["MSM4SR"], 1, {})
+    assert sas.finetune.patience == sas.finetune.max_epochs == b.for_dataset("office")[1]
+    assert ours.finetune.patience == b.for_dataset("office")[2] < ours.finetune.max_epochs
+    assert (sas.finetune.lr, sas.model.hidden_dropout) == (1e-3, 0.5)
