@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from features import store
@@ -354,24 +354,3 @@ def run_matrix(
         if on_cell is not None:
             on_cell(i + 1, len(todo), cell)
     return cells, notes
-
-
-def cell_rows(cells: list[Cell]) -> list[dict[str, Any]]:
-    """The cells as plain rows (for the report's provenance table)."""
-    return [
-        {
-            "dataset": c.dataset,
-            "model": c.variant.name,
-            "group": c.variant.group,
-            "seed": c.seed,
-            "pretrain_run": c.pretrain_run,
-            "finetune_run": c.finetune_run,
-            "reused": c.reused,
-            "seconds": round(c.seconds, 1),
-        }
-        for c in cells
-    ]
-
-
-def budget_dict(b: Budget) -> dict[str, Any]:
-    return asdict(b)
