@@ -253,6 +253,18 @@ def _plots(
     return files
 
 
+def _training_minutes(cells: list[Cell], wh: WarehouseConfig | None) -> float:
+    """Sum of finished_at - started_at of the cells' pre-training and fine-tuning runs."""
+    ids = sorted({r for c in cells for r in (c.pretrain_run, c.finetune_run) if r})
+    with store.connect(wh, create=False, read_only=True) as con:
+        secs = con.execute(
+            "SELECT coalesce(sum(epoch(finished_at - started_at)), 0) FROM runs "
+            "WHERE run_id IN (SELECT unnest(?::VARCHAR[]))",
+            [ids],
+        ).fetchone()
+    return float(secs[0]) / 60
+
+
 def machine() -> str:
     return (
         f"{platform.platform()}, {os.cpu_count()} CPU threads, Python {platform.python_version()}"
@@ -295,6 +307,7 @@ def write_report(
                 ]
             )
     plots = _plots(rows, summary, datasets, cells, out, wh)
+    train_min = _training_minutes(cells, wh)
 
     md = [
         f"# Experiment report `{name}`",
@@ -302,7 +315,9 @@ def write_report(
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
         f"- Finished: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, git {git_commit()}, "
-        f"wall time {seconds / 60:.1f} min (runs reused from earlier invocations cost nothing)",
+        f"wall time of this invocation {seconds / 60:.1f} min (reused runs cost nothing); "
+        f"training time of all {len({r for c in cells for r in (c.pretrain_run, c.finetune_run) if r})} "
+        f"runs behind it {train_min:.0f} min (sum of their `runs` rows)",
         f"- {budget.describe()}",
         "- Metrics: full ranking over all items, leave-one-out test split, best epoch by validation "
         "Recall@20 (nothing is chosen on test); mean ± std over seeds.",
