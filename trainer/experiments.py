@@ -336,7 +336,7 @@ def run_matrix(
                 src,
                 Variant("MSM4SR", "main"),
                 seed,
-                versions.get(src) or feature_versions(src, wh),
+                versions[src],
             )
             _, ft_cfg = stage_configs(base, budget, ds, v, seed, versions[ds])
             ft_cfg = merge(ft_cfg, {"model": pre_cfg.to_dict()["model"]})

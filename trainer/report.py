@@ -253,9 +253,8 @@ def _plots(
     return files
 
 
-def _training_minutes(cells: list[Cell], wh: WarehouseConfig | None) -> float:
-    """Sum of finished_at - started_at of the cells' pre-training and fine-tuning runs."""
-    ids = sorted({r for c in cells for r in (c.pretrain_run, c.finetune_run) if r})
+def _training_minutes(ids: list[str], wh: WarehouseConfig | None) -> float:
+    """Sum of finished_at - started_at of the runs `ids`."""
     with store.connect(wh, create=False, read_only=True) as con:
         secs = con.execute(
             "SELECT coalesce(sum(epoch(finished_at - started_at)), 0) FROM runs "
@@ -307,7 +306,8 @@ def write_report(
                 ]
             )
     plots = _plots(rows, summary, datasets, cells, out, wh)
-    train_min = _training_minutes(cells, wh)
+    run_ids = sorted({r for c in cells for r in (c.pretrain_run, c.finetune_run) if r})
+    train_min = _training_minutes(run_ids, wh)
 
     md = [
         f"# Experiment report `{name}`",
@@ -316,7 +316,7 @@ def write_report(
         f"- Machine: {machine()}",
         f"- Finished: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, git {git_commit()}, "
         f"wall time of this invocation {seconds / 60:.1f} min (reused runs cost nothing); "
-        f"training time of all {len({r for c in cells for r in (c.pretrain_run, c.finetune_run) if r})} "
+        f"training time of all {len(run_ids)} "
         f"runs behind it {train_min:.0f} min (sum of their `runs` rows)",
         f"- {budget.describe()}",
         "- Metrics: full ranking over all items, leave-one-out test split, best epoch by validation "
