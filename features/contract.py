@@ -23,7 +23,15 @@ IMAGE_MISSING = "missing"  # file absent, URL 404 / unreachable
 IMAGE_CORRUPT = "corrupt"  # zero bytes, truncated, not decodable
 IMAGE_TOO_LARGE = "too_large"  # over the byte or pixel cap
 IMAGE_UNSUPPORTED = "unsupported"  # decodable bytes of a format we do not take (e.g. SVG, PDF)
-IMAGE_STATUSES = (IMAGE_OK, IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_TOO_LARGE, IMAGE_UNSUPPORTED)
+IMAGE_UNREADABLE = "unreadable"  # there but not readable: permission, I/O error, a directory
+IMAGE_STATUSES = (
+    IMAGE_OK,
+    IMAGE_MISSING,
+    IMAGE_CORRUPT,
+    IMAGE_TOO_LARGE,
+    IMAGE_UNSUPPORTED,
+    IMAGE_UNREADABLE,
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,10 @@ ITEMS = TableSpec(
             ("dataset", pa.string()),
             ("item_id", pa.string()),  # the source's id as text (MovieID, ASIN, ...)
             ("title", pa.string()),
-            ("text", pa.string()),  # description / body text ("" when none); title and categories are separate
+            (
+                "text",
+                pa.string(),
+            ),  # description / body text ("" when none); title and categories are separate
             ("categories", pa.string()),  # "Action|Comedy", "Office Products > Paper", ...
             ("n_images", pa.int32()),  # rows in item_images with status ok
         ]
@@ -73,7 +84,10 @@ INTERACTIONS = TableSpec(
             ("item_id", pa.string()),
             ("ts", pa.int64()),  # unix seconds
             ("rating", pa.float32()),  # null when the source has none
-            ("seq", pa.int32()),  # 0-based position in the user's time order (ties: source row order)
+            (
+                "seq",
+                pa.int32(),
+            ),  # 0-based position in the user's time order (ties: source row order)
         ]
     ),
     ("dataset", "user_id", "item_id"),
@@ -124,7 +138,10 @@ ITEM_SENTENCES = TableSpec(
         [
             ("dataset", pa.string()),
             ("item_id", pa.string()),
-            ("sentence_idx", pa.int32()),  # 0 = title, then description sentences, then category/brand
+            (
+                "sentence_idx",
+                pa.int32(),
+            ),  # 0 = title, then description sentences, then category/brand
             ("sentence", pa.string()),
             ("text_sha256", pa.string()),  # sha256 of the exact sentence string (utf-8)
         ]
@@ -190,7 +207,10 @@ DATA_REPORT = TableSpec(
             ("run_id", pa.string()),
             ("dataset", pa.string()),
             ("stage", pa.string()),
-            ("check_name", pa.string()),  # e.g. "unparseable_line", "duplicate_item", "image_corrupt"
+            (
+                "check_name",
+                pa.string(),
+            ),  # e.g. "unparseable_line", "duplicate_item", "image_corrupt"
             ("action", pa.string()),  # dropped | repaired | kept | info
             ("n", pa.int64()),  # rows affected
             ("example", pa.string()),  # one offending value, for the user to look at

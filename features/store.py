@@ -47,6 +47,41 @@ class WarehouseError(RuntimeError):
 
 
 @dataclass
+class DeletePlan:
+    """What replacing a dataset's rows of one table would delete."""
+
+    table: str
+    dataset: str
+    n_stored: int  # the dataset's rows in the table now
+    n_delete: int  # of those, rows whose key is absent from the new rows
+    examples: list[tuple] = field(default_factory=list)  # a few of the keys that would go
+
+    @property
+    def share(self) -> float:
+        return self.n_delete / self.n_stored if self.n_stored else 0.0
+
+    def describe(self) -> str:
+        ex = ", ".join(str(k) for k in self.examples)
+        return (
+            f"{self.n_delete} of {self.n_stored} {self.table} rows ({self.share:.0%}"
+            + (f"; e.g. {ex}" if ex else "")
+            + ")"
+        )
+
+
+class DeleteRefused(WarehouseError):
+    """A write would delete more of a dataset's stored rows than it was allowed to."""
+
+    def __init__(self, plans: list[DeletePlan], limit: float, hint: str = "") -> None:
+        self.plans = plans
+        what = " and ".join(p.describe() for p in plans)
+        super().__init__(
+            f"refused: this would delete {what} of dataset {plans[0].dataset!r}, more than "
+            f"{limit:.0%} of what is stored; nothing was written." + (f" {hint}" if hint else "")
+        )
+
+
+@dataclass
 class WarehouseConfig:
     """Where the warehouse lives."""
 
@@ -66,14 +101,28 @@ class WarehouseConfig:
         return Path(self.root) / "catalog.sqlite"
 
     def attach_sql(self, read_only: bool = False) -> str:
+        """The ATTACH statement. The default layout's data path is always `<root>/data/`, where
+        the folder lies now: OVERRIDE_DATA_PATH makes a copied or moved warehouse folder open
+        (DuckLake records file paths relative to the data path, the data path itself absolute)."""
+        opts = [f"DATA_PATH {_sql_literal(self.data_dir)}"] if self.data_dir else []
+        if not self.attach:
+            opts.append("OVERRIDE_DATA_PATH true")
+        if read_only:
+            opts.append("READ_ONLY")
+        return f"ATTACH {_sql_literal(self.attach_target)} AS {ALIAS}" + (
+            f" ({', '.join(opts)})" if opts else ""
+        )
+
+    @property
+    def attach_target(self) -> str:
+        return self.attach or f"ducklake:sqlite:{self.catalog_path}"
+
+    @property
+    def data_dir(self) -> str | None:
+        """The DATA_PATH given on ATTACH (None: the one the catalog records)."""
         if self.attach:
-            target = self.attach
-            data = self.data_path
-        else:
-            target = f"ducklake:sqlite:{self.catalog_path}"
-            data = str(Path(self.root) / "data") + "/"
-        opts = ([f"DATA_PATH '{data}'"] if data else []) + (["READ_ONLY"] if read_only else [])
-        return f"ATTACH '{target}' AS {ALIAS}" + (f" ({', '.join(opts)})" if opts else "")
+            return self.data_path
+        return str(Path(self.root).resolve() / "data") + "/"
 
     def exists(self) -> bool:
         return bool(self.attach) or self.catalog_path.exists()
@@ -117,7 +166,9 @@ def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
         ) from e
 
 
-def s3_secret_from_env(con: duckdb.DuckDBPyConnection, env: Mapping[str, str] | None = None) -> bool:
+def s3_secret_from_env(
+    con: duckdb.DuckDBPyConnection, env: Mapping[str, str] | None = None
+) -> bool:
     """CREATE a temporary S3 secret from the standard AWS variables; False when none are set.
 
     AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (e.g. http://127.0.0.1:9000) points at an
@@ -139,7 +190,9 @@ def s3_secret_from_env(con: duckdb.DuckDBPyConnection, env: Mapping[str, str] | 
     if endpoint:
         url = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
         if url.scheme not in ("http", "https") or not url.netloc:
-            raise WarehouseError(f"AWS_ENDPOINT_URL {endpoint!r} is not an http(s)://host[:port] URL")
+            raise WarehouseError(
+                f"AWS_ENDPOINT_URL {endpoint!r} is not an http(s)://host[:port] URL"
+            )
         opts["ENDPOINT"] = url.netloc
         opts["USE_SSL"] = "true" if url.scheme == "https" else "false"
         style = style or "path"
@@ -330,9 +383,7 @@ def snapshot_id(con: duckdb.DuckDBPyConnection) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-def query(
-    con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None
-) -> pa.Table:
+def query(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pa.Table:
     """Run a SELECT and return Arrow."""
     return con.execute(sql, params or []).fetch_arrow_table()
 
@@ -398,13 +449,59 @@ def conform(spec: TableSpec, data: pa.Table | pl.DataFrame) -> pa.Table:
         raise ValueError(f"rows for {spec.name!r} do not fit the contract schema: {e}") from e
 
 
+def _count_deletes(
+    con: duckdb.DuckDBPyConnection, spec: TableSpec, src: str, where: str, n_examples: int = 0
+) -> tuple[int, int, list[tuple]]:
+    """(stored rows matching `where`, of those the keys absent from `src`, a few such keys)."""
+    keys = ", ".join(spec.key)
+    gone = f"SELECT {keys} FROM {spec.name} WHERE {where} EXCEPT SELECT {keys} FROM {src}"
+    n_stored = con.execute(f"SELECT count(*) FROM {spec.name} WHERE {where}").fetchone()[0]
+    n_del = con.execute(f"SELECT count(*) FROM ({gone})").fetchone()[0] if n_stored else 0
+    examples: list[tuple] = []
+    if n_del and n_examples:
+        shown = [k for k in spec.key if k != "dataset"] or list(spec.key)
+        examples = con.execute(
+            f"SELECT {', '.join(shown)} FROM ({gone}) ORDER BY ALL LIMIT {int(n_examples)}"
+        ).fetchall()
+        examples = [e[0] if len(e) == 1 else e for e in examples]
+    return int(n_stored), int(n_del), examples
+
+
+def plan_replace(
+    con: duckdb.DuckDBPyConnection, table: str, dataset: str, rows: pa.Table | pl.DataFrame
+) -> DeletePlan:
+    """What `replace_dataset(table, dataset, rows)` would delete; `rows` need the key columns."""
+    spec = contract.spec(table)
+    tbl = rows.to_arrow() if isinstance(rows, pl.DataFrame) else rows
+    keys = [k for k in spec.key if k != "dataset"]
+    src = f"_plan_{spec.name}"
+    con.register(src, tbl.select(keys))
+    try:
+        con.execute(
+            f"CREATE OR REPLACE TEMP VIEW _plan_keys AS SELECT {_sql_literal(dataset)} AS dataset, "
+            f"{', '.join(keys)} FROM {src}"
+        )
+        where = "dataset = " + _sql_literal(dataset)
+        n_stored, n_del, ex = _count_deletes(con, spec, "_plan_keys", where, n_examples=3)
+        con.execute("DROP VIEW _plan_keys")
+    finally:
+        con.unregister(src)
+    return DeletePlan(spec.name, dataset, n_stored, n_del, ex)
+
+
 def _merge(
-    con: duckdb.DuckDBPyConnection, spec: TableSpec, rows: pa.Table, delete_where: str | None
+    con: duckdb.DuckDBPyConnection,
+    spec: TableSpec,
+    rows: pa.Table,
+    delete_where: str | None,
+    max_delete_share: float | None = None,
+    dataset: str = "",
 ) -> WriteResult:
     """Apply rows to spec's table inside the caller's transaction; return what changed.
 
     Only rows that are new or differ from what is stored are merged, so an unchanged input
-    writes nothing. With `delete_where`, stored keys matching it but absent from rows go.
+    writes nothing. With `delete_where`, stored keys matching it but absent from rows go;
+    more than `max_delete_share` of the stored rows going raises DeleteRefused.
     """
     key = spec.key
     on = " AND ".join(f"t.{k} IS NOT DISTINCT FROM s.{k}" for k in key)
@@ -412,6 +509,12 @@ def _merge(
     src = f"_src_{spec.name}"
     con.register(src, rows)
     try:
+        n_del = 0
+        if delete_where is not None:
+            n_stored, n_del, ex = _count_deletes(con, spec, src, delete_where, n_examples=3)
+            plan = DeletePlan(spec.name, dataset, n_stored, n_del, ex)
+            if max_delete_share is not None and plan.share > max_delete_share:
+                raise DeleteRefused([plan], max_delete_share)
         # New keys, or stored keys whose other columns differ: a hash join on the key, so the
         # cost does not grow with the width of the rows (vectors) already stored.
         nonkey = [c for c in spec.columns if c not in key]
@@ -424,19 +527,14 @@ def _merge(
             f"FROM {src} s LEFT JOIN {stored} t ON {on} "
             f"WHERE t._hit IS NULL OR {differs}"
         )
-        n_chg, n_upd = con.execute("SELECT count(*), count(*) FILTER (_matched) FROM _chg").fetchone()
-        n_del = 0
-        if delete_where is not None:
-            keys = ", ".join(key)
-            n_del = con.execute(
-                f"SELECT count(*) FROM (SELECT {keys} FROM {spec.name} WHERE {delete_where} "
-                f"EXCEPT SELECT {keys} FROM {src})"
-            ).fetchone()[0]
-            if n_del:
-                con.execute(
-                    f"DELETE FROM {spec.name} t WHERE ({delete_where}) AND NOT EXISTS "
-                    f"(SELECT 1 FROM {src} s WHERE {on})"
-                )
+        n_chg, n_upd = con.execute(
+            "SELECT count(*), count(*) FILTER (_matched) FROM _chg"
+        ).fetchone()
+        if n_del:
+            con.execute(
+                f"DELETE FROM {spec.name} t WHERE ({delete_where}) AND NOT EXISTS "
+                f"(SELECT 1 FROM {src} s WHERE {on})"
+            )
         if n_chg:
             sets = ", ".join(f"{c} = s.{c}" for c in nonkey) or f"{key[0]} = s.{key[0]}"
             con.execute(
@@ -458,6 +556,9 @@ class Write:
     rows: pa.Table | pl.DataFrame
     # Set: make the table's rows of this dataset equal `rows` (stale keys deleted).
     replace_dataset: str | None = None
+    # With replace_dataset: refuse (DeleteRefused, nothing committed) when more than this share
+    # of the dataset's stored rows would be deleted. None: no limit.
+    max_delete_share: float | None = None
 
 
 def write(
@@ -465,7 +566,7 @@ def write(
 ) -> list[WriteResult]:
     """Apply several table writes in ONE transaction: all land or none (a killed run leaves the
     warehouse as it was). Commits nothing when nothing changed. Lock conflicts are retried."""
-    prepared: list[tuple[TableSpec, pa.Table, str | None]] = []
+    prepared: list[tuple[TableSpec, pa.Table, str | None, Write]] = []
     for part in parts:
         spec = contract.spec(part.table)
         data = conform(spec, part.rows)
@@ -482,12 +583,15 @@ def write(
             where = "dataset = " + _sql_literal(part.replace_dataset)
         elif data.num_rows == 0:
             continue
-        prepared.append((spec, data, where))
+        prepared.append((spec, data, where, part))
 
     def run() -> list[WriteResult]:
         con.execute("BEGIN")
         try:
-            results = [_merge(con, spec, data, where) for spec, data, where in prepared]
+            results = [
+                _merge(con, spec, data, where, part.max_delete_share, part.replace_dataset or "")
+                for spec, data, where, part in prepared
+            ]
             con.execute("COMMIT" if any(r.changed for r in results) else "ROLLBACK")
             return results
         except BaseException:
@@ -501,7 +605,11 @@ def write(
 
 
 def upsert(
-    con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | pl.DataFrame, *, max_retries: int = 8
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    rows: pa.Table | pl.DataFrame,
+    *,
+    max_retries: int = 8,
 ) -> WriteResult:
     """Insert new keys and update changed rows of `table` in one transaction (see `write`)."""
     res = write(con, [Write(table, rows)], max_retries=max_retries)

@@ -2,7 +2,13 @@
 
 The three data tables of a dataset are replaced in ONE transaction (a killed ingest leaves the
 previous state), and only changed rows are written: re-ingesting the same files commits no data
-snapshot. The run itself is always logged (pipeline_runs + data_report rows, one small commit).
+snapshot. The run itself is always logged (pipeline_runs + data_report rows, one small commit),
+with a report row per table for the rows it inserted, updated and deleted.
+
+A re-ingest never removes rows it was not told to: an input that yields no items or no
+interactions is refused (IngestRefused) before anything is written, and so is one that would
+delete more than `max_delete_share` of a dataset's stored rows of any table, unless
+`allow_deletes` is set (`--allow-deletes`); the refusal names what would go.
 """
 
 from __future__ import annotations
@@ -20,11 +26,20 @@ from tqdm import tqdm
 from features import store
 from features.contract import IMAGE_OK
 from features.runlog import log_run, new_run_id
-from features.store import WarehouseConfig, Write
+from features.store import DeletePlan, DeleteRefused, WarehouseConfig, Write
 from pipeline.images import ImageConfig, ImageResult, fetch_all
 from pipeline.paths import image_cache_dir
 from pipeline.preprocess import PreprocessConfig, preprocess
-from pipeline.sources.base import RawSource, Report
+from pipeline.sources.base import RawSource, Report, printable
+
+# Default of `ingest(max_delete_share=...)`: more than this share of a dataset's stored rows of
+# a table going needs allow_deletes.
+MAX_DELETE_SHARE = 0.2
+DELETE_HINT = "Pass --allow-deletes to replace the dataset anyway."
+
+
+class IngestRefused(ValueError):
+    """The input would empty or shrink a dataset without being told to; nothing was written."""
 
 
 @dataclass
@@ -51,7 +66,15 @@ def _known_downloads(con, dataset: str) -> dict[str, ImageResult]:
         [dataset, IMAGE_OK],
     ).to_pylist()
     return {
-        r["uri"]: ImageResult(r["uri"], r["local_path"], r["sha256"], r["status"], r["width"], r["height"], r["n_bytes"])
+        r["uri"]: ImageResult(
+            r["uri"],
+            r["local_path"],
+            r["sha256"],
+            r["status"],
+            r["width"],
+            r["height"],
+            r["n_bytes"],
+        )
         for r in rows
         if r["local_path"] and Path(r["local_path"]).is_file()
     }
@@ -74,8 +97,14 @@ def resolve_images(
     res = pl.DataFrame(
         [asdict(by_uri[u]) for u in uris],
         schema={
-            "uri": pl.String, "local_path": pl.String, "sha256": pl.String, "status": pl.String,
-            "width": pl.Int32, "height": pl.Int32, "n_bytes": pl.Int64, "error": pl.String,
+            "uri": pl.String,
+            "local_path": pl.String,
+            "sha256": pl.String,
+            "status": pl.String,
+            "width": pl.Int32,
+            "height": pl.Int32,
+            "n_bytes": pl.Int64,
+            "error": pl.String,
         },
     )
     out = images.join(res, on="uri", how="left")
@@ -86,6 +115,33 @@ def resolve_images(
     return out
 
 
+def _refuse_empty(raw: RawSource, items: pl.DataFrame, inter: pl.DataFrame) -> None:
+    """IngestRefused when nothing valid is left: the input, not the dataset, is wrong."""
+    empty = [name for name, df in (("items", items), ("interactions", inter)) if df.height == 0]
+    if not empty:
+        return
+    reasons = sorted(
+        (r for r in raw.report.rows if r.action == "dropped"), key=lambda r: r.n, reverse=True
+    )
+    why = "; ".join(f"{r.check_name} {r.n} ({printable(r.example)[:120]})" for r in reasons[:3])
+    raise IngestRefused(
+        f"{raw.origin or raw.dataset}: no valid {' and no valid '.join(empty)} "
+        f"(read {raw.n_read_items} item rows, {raw.n_read_interactions} interaction rows"
+        + (f"; dropped: {why}" if why else "")
+        + f"); dataset {raw.dataset!r} left as it was"
+    )
+
+
+def _refuse_deletes(con, raw: RawSource, parts: dict[str, pl.DataFrame], limit: float) -> None:
+    """DeleteRefused naming what would go, before any image is fetched or row written."""
+    plans: list[DeletePlan] = [
+        store.plan_replace(con, table, raw.dataset, rows) for table, rows in parts.items()
+    ]
+    over = [p for p in plans if p.share > limit]
+    if over:
+        raise DeleteRefused(over, limit, DELETE_HINT)
+
+
 def ingest(
     raw: RawSource,
     wh: WarehouseConfig | None = None,
@@ -93,32 +149,56 @@ def ingest(
     pre: PreprocessConfig | None = None,
     images: ImageConfig | None = None,
     progress: bool = True,
+    allow_deletes: bool = False,
+    max_delete_share: float = MAX_DELETE_SHARE,
 ) -> IngestSummary:
-    """Preprocess `raw`, resolve its images and mirror the dataset into the warehouse."""
+    """Preprocess `raw`, resolve its images and mirror the dataset into the warehouse.
+
+    Raises IngestRefused when the input yields no items or no interactions, DeleteRefused when
+    it would delete more than `max_delete_share` of the dataset's stored rows of a table and
+    `allow_deletes` is not set. Nothing is written in either case.
+    """
     t0 = time.perf_counter()
     started = datetime.now(UTC)
     run_id = new_run_id("ingest", raw.dataset)
     items, inter = preprocess(raw, pre)
+    _refuse_empty(raw, items, inter)
     img_cfg = images or ImageConfig()
     # Images of items that were dropped (unknown / duplicate ids) are not kept.
     imgs = raw.images.join(items.select("item_id"), on="item_id", how="semi")
     orphan = raw.images.height - imgs.height
     raw.report.add("image_of_unknown_item", "dropped", orphan)
     ds = pl.lit(raw.dataset).alias("dataset")
+    limit = None if allow_deletes else max_delete_share
     with store.connect(wh) as con:
-        img_rows = resolve_images(imgs, _known_downloads(con, raw.dataset), img_cfg, raw.report, progress)
+        if limit is not None:
+            keys = {"items": items, "interactions": inter, "item_images": imgs}
+            _refuse_deletes(con, raw, keys, limit)
+        img_rows = resolve_images(
+            imgs, _known_downloads(con, raw.dataset), img_cfg, raw.report, progress
+        )
         n_ok = img_rows.filter(pl.col("status") == IMAGE_OK).group_by("item_id").len("n_images")
         item_rows = items.join(n_ok, on="item_id", how="left").with_columns(
             ds, pl.col("n_images").fill_null(0).cast(pl.Int32)
         )
-        results = store.write(
-            con,
-            [
-                Write("items", item_rows, replace_dataset=raw.dataset),
-                Write("interactions", inter.with_columns(ds), replace_dataset=raw.dataset),
-                Write("item_images", img_rows.with_columns(ds), replace_dataset=raw.dataset),
-            ],
-        )
+        try:
+            results = store.write(
+                con,
+                [
+                    Write("items", item_rows, raw.dataset, limit),
+                    Write("interactions", inter.with_columns(ds), raw.dataset, limit),
+                    Write("item_images", img_rows.with_columns(ds), raw.dataset, limit),
+                ],
+            )
+        except DeleteRefused as e:  # another writer changed the dataset since the check above
+            raise DeleteRefused(e.plans, limit or 0.0, DELETE_HINT) from None
+        for r in results:
+            for action, n in (
+                ("inserted", r.inserted),
+                ("updated", r.updated),
+                ("deleted", r.deleted),
+            ):
+                raw.report.add(f"{r.table}_rows_{action}", "changed", n)
         snap = store.snapshot_id(con)
         summary = IngestSummary(
             run_id=run_id,
@@ -133,7 +213,16 @@ def ingest(
             snapshot_id=snap,
             report=[asdict(r) for r in raw.report.rows],
         )
-        log_run(con, run_id, "ingest", raw.dataset, started, summary_json(summary, raw.origin), snap, raw.report)
+        log_run(
+            con,
+            run_id,
+            "ingest",
+            raw.dataset,
+            started,
+            summary_json(summary, raw.origin),
+            snap,
+            raw.report,
+        )
     return summary
 
 

@@ -113,7 +113,7 @@ def _is_control(ch: str) -> bool:
     return unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"
 
 
-def _repair_mojibake(s: str) -> str | None:
+def repair_mojibake(s: str) -> str | None:
     """Decode runs of UTF-8 read as cp1252/latin-1 back ("CafÃ©" -> "Café"); None if none."""
     changed = False
 
@@ -156,7 +156,7 @@ def clean_text(s: str | None, stats: TextStats, *, keep_breaks: bool = False) ->
     if "\ufffd" in s:
         stats.hit(REPLACEMENT_CHAR, raw)
         s = s.replace("\ufffd", " ")
-    fixed = _repair_mojibake(s)
+    fixed = repair_mojibake(s)
     if fixed is not None:
         stats.hit(MOJIBAKE, raw)
         s = fixed

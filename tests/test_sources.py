@@ -120,8 +120,8 @@ def test_generic_items_with_duplicates_and_invalid_utf8(tmp_path: Path, wh: Ware
     assert report["duplicate_item_id"] == 1
     assert report["invalid_utf8_bytes"] == 1
     assert report["item_text_with_replaced_bytes"] == 1
-    assert report["ragged_line"] == 1
-    assert report["unparseable_interaction"] == 1  # ts "x"
+    assert report["ragged_items_line"] == 1
+    assert report["unparseable_timestamp"] == 1  # ts "x"
     assert report["interaction_with_unknown_item"] == 1  # "ghost"
     assert summary.n_items == 6 and summary.n_interactions == 10
     with store.connect(wh) as con:

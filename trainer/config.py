@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -50,6 +54,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout_items < 1.0:
             raise ValueError(f"holdout_items={self.holdout_items} must be in [0, 1)")
+        for name in ("max_len", "max_slots"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.snapshot is not None and self.snapshot < 0:
+            raise ValueError(f"data.snapshot={self.snapshot} must be >= 0")
 
 
 @dataclass
@@ -99,6 +108,16 @@ class M2SEConfig:
             raise ValueError(f"modalities={self.modalities!r} is not one of {MODALITIES}")
         if self.pool_act not in POOL_ACTS:
             raise ValueError(f"pool_act={self.pool_act!r} is not one of {POOL_ACTS}")
+        for name in (
+            "hidden_size",
+            "n_layers",
+            "n_heads",
+            "inner_size",
+            "pool_hidden",
+            "n_experts",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
         if self.hidden_size % self.n_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by n_heads={self.n_heads}"
@@ -198,6 +217,15 @@ class EvalConfig:
     # Items scored per matrix product (bounded memory for millions of items).
     item_chunk: int = 65536
 
+    def __post_init__(self) -> None:
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"eval.ks={self.ks} must be cut-offs >= 1")
+        if self.cold_threshold < 0:
+            raise ValueError(f"eval.cold_threshold={self.cold_threshold} must be >= 0")
+        for name in ("user_batch", "item_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name}={getattr(self, name)} must be >= 1")
+
 
 @dataclass
 class RuntimeConfig:
@@ -217,6 +245,12 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp={self.amp!r} is not one of {AMP_MODES}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ValueError(
+                f"runtime.device={self.device!r} is not one of auto, cpu, cuda, cuda:N, mps"
+            )
+        if self.threads < 0:
+            raise ValueError(f"runtime.threads={self.threads} must be >= 0")
 
 
 @dataclass
@@ -243,6 +277,67 @@ class Config:
         return merge(cfg, d)
 
 
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` converted to the field type `hint` (int, float, bool, str, X | None,
+    tuple[X, ...]); a ValueError names the key, the value and the type. Other types pass."""
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"config value {key}={value!r} is not {expected}")
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
+            if len(inner) < len(args):
+                return None
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise bad("a list")
+        elem = args[0] if args else Any
+        return tuple(_coerce(key, v.strip() if isinstance(v, str) else v, elem) for v in items)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise bad("a bool (true / false)")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        try:
+            number = float(value.strip()) if isinstance(value, str) else value
+            if isinstance(number, float) and number.is_integer():
+                return int(number)
+        except (ValueError, OverflowError):
+            pass
+        raise bad("an int")
+    if hint is float:
+        try:
+            if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+        except ValueError:
+            pass
+        raise bad("a finite float")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad("a string")
+    return value
+
+
 def _build(section_cls: type, current: Any, values: dict[str, Any], where: str) -> Any:
     names = {f.name: f for f in fields(section_cls)}
     unknown = sorted(set(values) - set(names))
@@ -250,12 +345,14 @@ def _build(section_cls: type, current: Any, values: dict[str, Any], where: str) 
         raise ValueError(
             f"unknown key(s) {unknown} in config section {where!r}; known: {sorted(names)}"
         )
+    hints = typing.get_type_hints(section_cls)
     kw = asdict(current)
     for k, v in values.items():
-        if k == "ks" and v is not None:
-            v = tuple(int(x) for x in v)
-        kw[k] = v
-    return section_cls(**kw)
+        kw[k] = _coerce(f"{where}.{k}", v, hints.get(k, Any))
+    try:
+        return section_cls(**kw)
+    except TypeError as e:  # a value of a type the checks cannot compare
+        raise ValueError(f"config section {where!r}: {e}") from None
 
 
 def merge(cfg: Config, d: dict[str, Any]) -> Config:
@@ -279,13 +376,18 @@ def parse_override(item: str) -> dict[str, Any]:
     """`section.key=value` (value parsed as YAML: numbers, true/false, null) -> nested dict."""
     import yaml
 
-    if "=" not in item or "." not in item.split("=", 1)[0]:
+    key, eq, raw = item.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not eq or not dot or not section or not name.strip():
         raise ValueError(
             f"override {item!r} is not of the form section.key=value (e.g. pretrain.lr=0.001)"
         )
-    key, raw = item.split("=", 1)
-    section, name = key.strip().split(".", 1)
-    return {section: {name: yaml.safe_load(raw)}}
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+    return {section: {name.strip(): value}}
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
