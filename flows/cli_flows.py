@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
 from flows.cli_common import console, err, fail, print_rows
+
+if TYPE_CHECKING:
+    from pipeline.sources.config import SourceSpec
 
 server_app = typer.Typer(help="A local Prefect server (scheduler + UI) for `msm4sr serve`.", no_args_is_help=True)
 
@@ -30,10 +33,34 @@ def _load_yaml(path: Path | None) -> dict[str, Any]:
     return data
 
 
+SourceName = Annotated[
+    str | None,
+    typer.Option(help="a built-in source (movielens | amazon-office) or an entry of --source-file"),
+]
+SourceFile = Annotated[
+    Path | None,
+    typer.Option(help="sources YAML: one source, or `sources:` NAME: ... (pipeline/sources/config.py)"),
+]
+
+
+def _check_source(
+    source: str | None, source_file: Path | None, path: str | None, dataset: str | None
+) -> SourceSpec:
+    """The configured source, read now so that a bad file fails before Prefect starts."""
+    from pipeline.sources.base import SourceError
+    from pipeline.sources.config import configured_source
+
+    try:
+        return configured_source(source, source_file, path, dataset)
+    except SourceError as e:
+        fail(e)
+
+
 def features(
-    source: Annotated[str, typer.Option(help="movielens | amazon-office")] = "movielens",
-    path: Annotated[Path | None, typer.Option(help="source folder (default: under the data root)")] = None,
-    dataset: Annotated[str | None, typer.Option(help="dataset name (default per source)")] = None,
+    source: SourceName = None,
+    source_file: SourceFile = None,
+    path: Annotated[Path | None, typer.Option(help="source folder instead of the configured one")] = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset name instead of the configured one")] = None,
     tag: Annotated[bool, typer.Option(help="run stage 1 (image tagging)")] = True,
     embed: Annotated[bool, typer.Option(help="run stage 2 (BERT embedding)")] = True,
     task_runner: Annotated[str | None, typer.Option(help="local (one process) | dask; env MSM4SR_TASK_RUNNER")] = None,
@@ -41,8 +68,10 @@ def features(
     dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler tcp://HOST:8786; env MSM4SR_DASK_ADDRESS")] = None,
     shards: Annotated[int | None, typer.Option(help="shards per stage (default: one per Dask worker thread)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch/ONNX Runtime threads per Dask worker")] = None,
+    progress: Annotated[bool, typer.Option(help="progress bars on stderr (local stages)")] = True,
 ) -> None:
     """Run the features flow (ingest -> tag -> embed) with Prefect; print the run summary."""
+    _check_source(source, source_file, str(path) if path else None, dataset)
     from flows.features import ClusterConfig, features_flow
 
     if workers is not None and task_runner is None:
@@ -52,7 +81,16 @@ def features(
         ClusterConfig(**{k.replace("dask_", ""): v for k, v in cluster.items() if v is not None})
     except ValueError as e:
         fail(e)
-    summary = features_flow(source=source, path=str(path) if path else None, dataset=dataset, tag=tag, embed=embed, **cluster)
+    summary = features_flow(
+        source=source,
+        source_file=str(source_file.resolve()) if source_file else None,
+        path=str(path) if path else None,
+        dataset=dataset,
+        tag=tag,
+        embed=embed,
+        progress=progress,
+        **cluster,
+    )
     console.print_json(json.dumps(summary, default=str))
 
 
@@ -126,9 +164,10 @@ def serve(
     config: Annotated[Path | None, typer.Option(help="YAML with a `schedules:` section (keys as these options, _ for -)")] = None,
     features_cron: Annotated[str, typer.Option(help="cron of the features flow")] = "0 * * * *",
     train_cron: Annotated[str, typer.Option(help="cron of the train flow")] = "0 3 * * *",
-    source: Annotated[str, typer.Option(help="source of the features flow")] = "movielens",
-    path: Annotated[str | None, typer.Option(help="source folder (default: under the data root)")] = None,
-    dataset: Annotated[str, typer.Option(help="dataset of both flows")] = "ml-1m",
+    source: SourceName = None,
+    source_file: SourceFile = None,
+    path: Annotated[str | None, typer.Option(help="source folder instead of the configured one")] = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset of both flows (default: the source's)")] = None,
     tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
     embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
     task_runner: Annotated[str | None, typer.Option(help="features stages: local | dask (default: env MSM4SR_TASK_RUNNER at run time)")] = None,
@@ -146,16 +185,20 @@ def serve(
     features_cron = sched.get("features_cron", features_cron)
     train_cron = sched.get("train_cron", train_cron)
     cluster_keys = {"task_runner", "workers", "dask_address"}
-    unknown = set(sched) - {"features_cron", "train_cron", "source", "path", "dataset", "tag", "embed", *cluster_keys}
+    unknown = set(sched) - {"features_cron", "train_cron", "source", "source_file", "path", "dataset", "tag", "embed", *cluster_keys}
     if unknown:
         fail(f"unknown keys in schedules: {sorted(unknown)}")
     source = sched.get("source", source)
+    source_file = Path(sched["source_file"]) if sched.get("source_file") else source_file
     path = sched.get("path", path)
     dataset = sched.get("dataset", dataset)
     tag = sched.get("tag", tag)
     embed = sched.get("embed", embed)
     given = {"task_runner": task_runner, "workers": workers, "dask_address": dask_address}
     cluster = {k: sched.get(k, v) for k, v in given.items() if sched.get(k, v) is not None}
+    # The file is checked now and read again by every run: edits apply to the next run.
+    spec = _check_source(source, source_file, path, dataset)
+    src_file = str(source_file.resolve()) if source_file else None
     if not os.environ.get("PREFECT_API_URL"):
         info = server.running()
         if info is None:
@@ -170,9 +213,9 @@ def serve(
             name="features",
             entrypoint_type=module,
             cron=features_cron,
-            parameters={"source": source, "path": path, "dataset": dataset, "tag": tag, "embed": embed, **cluster},
+            parameters={"source": source, "source_file": src_file, "path": path, "dataset": dataset, "tag": tag, "embed": embed, **cluster},
         ),
-        train_flow.to_deployment(name="train", entrypoint_type=module, cron=train_cron, parameters={"dataset": dataset}),
+        train_flow.to_deployment(name="train", entrypoint_type=module, cron=train_cron, parameters={"dataset": spec.dataset}),
     )
 
 
@@ -181,9 +224,10 @@ def deploy(
     source: Annotated[str | None, typer.Option(help="code every worker can read: a folder or a git URL (default: this checkout)")] = None,
     features_cron: Annotated[str | None, typer.Option(help="cron of the features flow (none: run on demand)")] = "0 * * * *",
     train_cron: Annotated[str | None, typer.Option(help="cron of the train flow (none: run on demand)")] = "0 3 * * *",
-    source_kind: Annotated[str, typer.Option("--source-kind", help="features source: movielens | amazon-office")] = "movielens",
+    source_kind: Annotated[str | None, typer.Option("--source-kind", help="features source: a built-in (movielens | amazon-office) or an entry of --source-file")] = None,
+    source_file: Annotated[str | None, typer.Option(help="sources YAML as the workers see it (read by every run)")] = None,
     path: Annotated[str | None, typer.Option(help="source data folder as the workers see it")] = None,
-    dataset: Annotated[str, typer.Option(help="dataset of both flows")] = "ml-1m",
+    dataset: Annotated[str | None, typer.Option(help="dataset of both flows (default: the source's)")] = None,
     tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
     embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
     task_runner: Annotated[str | None, typer.Option(help="features stages: local | dask (default: the worker's env MSM4SR_TASK_RUNNER)")] = None,
@@ -201,14 +245,22 @@ def deploy(
             fail("a work pool lives on a Prefect server: run `msm4sr server start` (or set PREFECT_API_URL)")
         os.environ["PREFECT_API_URL"] = info.url
     src = source or str(Path(__file__).resolve().parents[1])
+    if source_file and not Path(source_file).is_file():  # only the workers can read it
+        if dataset is None:
+            fail(f"{source_file} is not readable here: pass --dataset for the train flow")
+        train_dataset = dataset
+    else:
+        file = Path(source_file).resolve() if source_file else None
+        train_dataset = _check_source(source_kind, file, path, dataset).dataset
+        source_file = str(file) if file else None
     given = {"task_runner": task_runner, "workers": workers, "dask_address": dask_address}
-    params = {"source": source_kind, "path": path, "dataset": dataset, "tag": tag, "embed": embed}
+    params = {"source": source_kind, "source_file": source_file, "path": path, "dataset": dataset, "tag": tag, "embed": embed}
     params |= {k: v for k, v in given.items() if v is not None}
     for name, entry, cron, p in (
         # Module entrypoints: a file entrypoint puts flows/ first on sys.path, where features.py
         # would shadow the features package in every process the run starts (Dask workers).
         ("features", "flows.features.features_flow", features_cron, params),
-        ("train", "flows.train.train_flow", train_cron, {"dataset": dataset}),
+        ("train", "flows.train.train_flow", train_cron, {"dataset": train_dataset}),
     ):
         flow_obj = Flow.from_source(source=src, entrypoint=entry)
         dep_id = flow_obj.deploy(

@@ -18,7 +18,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -30,8 +29,9 @@ from features.store import WarehouseConfig
 from pipeline import embedding, tagging
 from pipeline.embedding import EncoderConfig, embed_dataset
 from pipeline.ingest import ingest
+from pipeline.preprocess import PreprocessConfig
 from pipeline.shards import Shard, ShardResult
-from pipeline.sources import read_source
+from pipeline.sources.config import configured_source, read_spec
 from pipeline.tagging import TaggerConfig, tag_dataset
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
@@ -102,22 +102,32 @@ class ClusterConfig:
 
 
 @task(name="ingest", **IO_RETRIES)
-def ingest_task(kind: str, path: str | None, dataset: str | None) -> dict[str, Any]:
-    """Read the source and mirror it into the warehouse."""
-    s = ingest(read_source(kind, Path(path) if path else None, dataset), WarehouseConfig(), progress=False)
+def ingest_task(
+    source: str | None,
+    source_file: str | None,
+    path: str | None,
+    dataset: str | None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Read the configured source (its file read now: edits apply to the next run) and mirror
+    it into the warehouse."""
+    spec = configured_source(source, source_file, path, dataset)
+    pre = PreprocessConfig(min_user_interactions=spec.min_interactions)
+    s = ingest(read_spec(spec), WarehouseConfig(), pre=pre, progress=progress)
     return {k: v for k, v in asdict(s).items() if k != "report"} | {"n_report_rows": len(s.report)}
 
 
 @task(name="tag", **IO_RETRIES)
-def tag_task(dataset: str, tagger: dict[str, Any]) -> dict[str, Any]:
+def tag_task(dataset: str, tagger: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Tag the dataset's images whose keywords are missing for this tagger version."""
-    return asdict(tag_dataset(dataset, TaggerConfig(**tagger), WarehouseConfig(), progress=False))
+    return asdict(tag_dataset(dataset, TaggerConfig(**tagger), WarehouseConfig(), progress=progress))
 
 
 @task(name="embed")
-def embed_task(dataset: str, encoder: dict[str, Any]) -> dict[str, Any]:
+def embed_task(dataset: str, encoder: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Encode the dataset's sentences and keyword texts that are missing for this encoder."""
-    return asdict(embed_dataset(dataset, EncoderConfig(**encoder), WarehouseConfig(), progress=False))
+    cfg = EncoderConfig(**encoder)
+    return asdict(embed_dataset(dataset, cfg, WarehouseConfig(), progress=progress))
 
 
 # --------------------------------------------------------------------------- sharded stages
@@ -216,7 +226,7 @@ def _seconds(value: float | dict[str, float]) -> float:
 
 @flow(name="msm4sr-features", log_prints=True)
 def features_flow(
-    source: str = "movielens",
+    source: str | None = None,
     path: str | None = None,
     dataset: str | None = None,
     tag: bool = True,
@@ -228,22 +238,27 @@ def features_flow(
     dask_address: str | None = None,
     shards: int | None = None,
     threads: int | None = None,
+    source_file: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Ingest a source, tag its images, embed its text and keywords; return the run summary.
 
     Args:
-        source: "movielens" or "amazon-office" (see pipeline.sources.KINDS).
-        path: the source folder (default: under the data root).
-        dataset: warehouse dataset name (default per source: ml-1m, amazon-office).
+        source: a source's name: an entry of `source_file`, else a built-in of sources.yaml
+            (movielens, amazon-office); None: the file's only source, else movielens.
+        path: the source folder instead of the configured one.
+        dataset: warehouse dataset name instead of the configured one.
         tag / embed: run those stages.
         tagger / encoder: TaggerConfig / EncoderConfig fields overriding the defaults.
         task_runner / workers / dask_address / shards / threads: ClusterConfig fields (None:
             the MSM4SR_* environment, else local: one process, no Dask).
+        source_file: a sources YAML (pipeline/sources/config.py), read when the run starts.
+        progress: progress bars on stderr (local stages).
     """
     log = get_run_logger()
     t0 = time.perf_counter()
     summary: dict[str, Any] = {}
-    s = ingest_task(source, path, dataset)
+    s = ingest_task(source, source_file, path, dataset, progress)
     summary["ingest"] = s
     name = s["dataset"]
     log.info("ingest: %s items, %s interactions, changed %s", s["n_items"], s["n_interactions"], s["rows_changed"])
@@ -258,9 +273,9 @@ def features_flow(
     else:
         summary["task_runner"] = "local"
         if tag:
-            summary["tag"] = tag_task(name, tagger or {})
+            summary["tag"] = tag_task(name, tagger or {}, progress)
         if embed:
-            summary["embed"] = embed_task(name, encoder or {})
+            summary["embed"] = embed_task(name, encoder or {}, progress)
     if tag:
         log.info("tag: %s new images, %s tagged", summary["tag"]["n_new"], summary["tag"]["n_tagged"])
     if embed:

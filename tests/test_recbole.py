@@ -154,6 +154,7 @@ def test_export_then_ingest_round_trips_a_real_movielens_cut(
         read_source("movielens", write_ml_cut(tmp_path / "ml2", range(1, 61)), "cut"),
         wh,
         progress=False,
+        allow_deletes=True,
     )
     old = export_recbole("cut", tmp_path / "old", wh, snapshot=snap)
     assert (old / "cut.inter").read_text() == (out / "ml_cut.inter").read_text()
