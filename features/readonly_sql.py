@@ -17,6 +17,7 @@ Four locks, each enough for the common attacks, together for the rest:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -143,17 +144,28 @@ def lock_down(con: duckdb.DuckDBPyConnection, data_dir: str | None) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def run_query(query: str, limit: int, wh: WarehouseConfig | None = None) -> QueryResult:
-    """Run one read statement on a READ_ONLY attach of the warehouse, locked down first."""
-    if limit < 0:
-        raise ReadOnlyError(f"--limit {limit} must be >= 0")
+@contextlib.contextmanager
+def open_readonly(wh: WarehouseConfig | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection with the warehouse attached READ_ONLY and locked down (see lock_down)."""
     wh = wh or WarehouseConfig()
     with store.connect(wh, create=False, read_only=True) as con:
         lock_down(con, wh.data_dir)
-        text = check_query(con, query)
-        cur = con.execute(text)
-        if cur.description is None:
-            return QueryResult([], [], False)
-        columns = [d[0] for d in cur.description]
-        rows = cur.fetchmany(limit + 1)
+        yield con
+
+
+def execute(con: duckdb.DuckDBPyConnection, query: str, limit: int) -> QueryResult:
+    """Check `query` (check_query) and run it on a locked-down connection."""
+    if limit < 0:
+        raise ReadOnlyError(f"--limit {limit} must be >= 0")
+    cur = con.execute(check_query(con, query))
+    if cur.description is None:
+        return QueryResult([], [], False)
+    columns = [d[0] for d in cur.description]
+    rows = cur.fetchmany(limit + 1)
     return QueryResult(columns, rows[:limit], len(rows) > limit)
+
+
+def run_query(query: str, limit: int, wh: WarehouseConfig | None = None) -> QueryResult:
+    """Run one read statement on its own READ_ONLY, locked-down attach of the warehouse."""
+    with open_readonly(wh) as con:
+        return execute(con, query, limit)

@@ -7,6 +7,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # Wide tables when the output is a file or a pipe (rich would wrap at 80 columns).
@@ -15,8 +16,10 @@ err = Console(stderr=True)
 
 
 def fail(msg: object) -> NoReturn:
-    """Print `error: msg` on stderr and exit 2 (a user's mistake, not a traceback)."""
-    err.print(f"[bold red]error:[/] {msg}")
+    """Print `error: msg` on stderr, one line, and exit 2 (a user's mistake, not a traceback).
+
+    The message is printed as text (brackets in it are not rich markup) and not wrapped."""
+    err.print(f"[bold red]error:[/] {escape(str(msg))}", soft_wrap=True)
     raise typer.Exit(2)
 
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from features import store
+from features.readonly_sql import ReadOnlyError, run_query
 from features.store import WarehouseConfig, WarehouseError
 from flows.cli_common import console, err, fail, print_rows
 from pipeline.ingest import IngestSummary, ingest
@@ -22,12 +23,22 @@ from pipeline.validate import validate
 ingest_app = typer.Typer(help="Load a raw dataset into the warehouse (items, interactions, item_images).", no_args_is_help=True)
 
 MinUser = Annotated[int, typer.Option(help="keep users with at least this many interactions")]
+AllowDeletes = Annotated[
+    bool,
+    typer.Option(
+        "--allow-deletes",
+        help="let this ingest delete more than 20% of the dataset's stored rows (a re-ingest "
+        "from a smaller input); without it such an ingest is refused, naming what would go",
+    ),
+]
 
 
-def _run_ingest(load, min_user: int) -> IngestSummary:
+def _run_ingest(load, min_user: int, allow_deletes: bool = False) -> IngestSummary:
     try:
         raw: RawSource = load()
-        summary = ingest(raw, WarehouseConfig(), pre=PreprocessConfig(min_user))
+        summary = ingest(
+            raw, WarehouseConfig(), pre=PreprocessConfig(min_user), allow_deletes=allow_deletes
+        )
     except (SourceError, WarehouseError, ValueError) as e:
         fail(str(e))
     if summary.report:
@@ -51,9 +62,10 @@ def ingest_movielens(
     path: Annotated[Path | None, typer.Argument(help="folder with ratings.dat, movies.dat, posters/ (default: DATA/movielens-1m)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "ml-1m",
     min_user: MinUser = 5,
+    allow_deletes: AllowDeletes = False,
 ) -> None:
     """MovieLens in the GroupLens layout, with optional posters/<MovieID>.jpg."""
-    _run_ingest(lambda: read_source("movielens", path, dataset), min_user)
+    _run_ingest(lambda: read_source("movielens", path, dataset), min_user, allow_deletes)
 
 
 @ingest_app.command("amazon")
@@ -62,9 +74,10 @@ def ingest_amazon(
     meta: Annotated[Path, typer.Argument(help="meta_*.json(.gz) / meta_*.jsonl(.gz)")],
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "amazon",
     min_user: MinUser = 5,
+    allow_deletes: AllowDeletes = False,
 ) -> None:
     """Amazon review data (2014, 2018 or 2023 layout); image URLs are downloaded and cached."""
-    _run_ingest(lambda: read_amazon(reviews, meta, dataset), min_user)
+    _run_ingest(lambda: read_amazon(reviews, meta, dataset), min_user, allow_deletes)
 
 
 @ingest_app.command("generic")
@@ -81,11 +94,26 @@ def ingest_generic(
     text_col: str | None = None,
     categories_col: str | None = None,
     images_col: Annotated[str | None, typer.Option(help="column of image paths/URLs, '|'-separated")] = None,
+    rating_min: Annotated[float | None, typer.Option(help="ratings below are dropped")] = 0.0,
+    rating_max: Annotated[float | None, typer.Option(help="ratings above are dropped")] = None,
     min_user: MinUser = 5,
+    allow_deletes: AllowDeletes = False,
 ) -> None:
     """Any interactions file + items file with a column mapping."""
-    cols = ColumnMap(user_col, item_col, ts_col, rating_col, item_key_col, title_col, text_col, categories_col, images_col)
-    _run_ingest(lambda: read_generic(interactions, items, dataset, cols), min_user)
+    cols = ColumnMap(
+        user=user_col,
+        item=item_col,
+        ts=ts_col,
+        rating=rating_col,
+        item_key=item_key_col,
+        title=title_col,
+        text=text_col,
+        categories=categories_col,
+        images=images_col,
+        rating_min=rating_min,
+        rating_max=rating_max,
+    )
+    _run_ingest(lambda: read_generic(interactions, items, dataset, cols), min_user, allow_deletes)
 
 
 @ingest_app.command("amazon-office")
@@ -93,9 +121,10 @@ def ingest_office(
     path: Annotated[Path | None, typer.Argument(help="folder with interactions.csv, items.tsv (default: DATA/amazon-office)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "amazon-office",
     min_user: MinUser = 5,
+    allow_deletes: AllowDeletes = False,
 ) -> None:
     """The Amazon Office text-only dataset of ../shared/datasets (generic adapter preset)."""
-    _run_ingest(lambda: read_source("amazon-office", path, dataset), min_user)
+    _run_ingest(lambda: read_source("amazon-office", path, dataset), min_user, allow_deletes)
 
 
 def sql(
@@ -103,27 +132,24 @@ def sql(
     limit: Annotated[int, typer.Option(help="rows to print at most")] = 50,
     csv: Annotated[bool, typer.Option(help="print CSV instead of a table")] = False,
 ) -> None:
-    """Run SQL on the warehouse (read-only), e.g. `msm4sr sql "select count(*) from items"`."""
+    """Run one SELECT on the warehouse, read-only: statements that write, ATTACH / COPY / SET
+    and writing functions are refused (features/readonly_sql.py), e.g.
+    `msm4sr sql "select count(*) from items"`."""
     try:
-        with store.connect(WarehouseConfig(), create=False, read_only=True) as con:
-            cur = con.execute(query)
-            if cur.description is None:
-                return
-            cols = [d[0] for d in cur.description]
-            rows = cur.fetchmany(limit + 1)
-    except WarehouseError as e:
+        res = run_query(query, limit, WarehouseConfig())
+    except (WarehouseError, ReadOnlyError) as e:
         fail(str(e))
-    except Exception as e:  # a user's SQL error: show DuckDB's message, no traceback
-        fail(f"{type(e).__name__}: {e}")
+    except Exception as e:  # a user's SQL error: DuckDB's message on one line, no traceback
+        fail(f"{type(e).__name__}: {' '.join(str(e).split())}")
     if csv:
         import csv as _csv
 
         w = _csv.writer(sys.stdout)
-        w.writerow(cols)
-        w.writerows(rows[:limit])
+        w.writerow(res.columns)
+        w.writerows(res.rows)
     else:
-        print_rows(cols, rows[:limit])
-    if len(rows) > limit:
+        print_rows(res.columns, res.rows)
+    if res.more:
         err.print(f"(first {limit} rows; --limit to see more)")
 
 

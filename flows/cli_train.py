@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+import yaml
 from rich.table import Table
 
 from flows.cli_common import console, fail
@@ -99,8 +100,8 @@ def _run(fn):
 
     try:
         return fn()
-    except (DataError, RunError, WarehouseError, ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    except (DataError, RunError, WarehouseError, ValueError, OSError, yaml.YAMLError) as e:
+        fail(" ".join(str(e).split()))  # one line, also for YAML's multi-line messages
 
 
 def print_result(res: RunResult) -> None:
@@ -238,7 +239,7 @@ def evaluate_cmd(
     from trainer.config import Config, merge
     from trainer.loop import evaluate_run
 
-    cfg = merge(Config(), {"runtime": {"device": device or "auto"}})
+    cfg = _run(lambda: merge(Config(), {"runtime": {"device": device or "auto"}}))
     res = _run(lambda: evaluate_run(run, cfg=cfg, exclude_history=exclude_history))
     print_result(res)
 
@@ -287,7 +288,7 @@ def recommend_cmd(
         str, typer.Option("--run", help="run id whose best checkpoint scores the items")
     ],
     user: Annotated[str, typer.Option("--user", help="user id as in the source data")],
-    k: Annotated[int, typer.Option("-k", help="number of items")] = 10,
+    k: Annotated[int, typer.Option("-k", help="number of items (>= 1)")] = 10,
     include_seen: Annotated[
         bool, typer.Option(help="also rank items the user already has")
     ] = False,
@@ -295,6 +296,8 @@ def recommend_cmd(
     """Print a user's top-k items (with titles) after their whole history."""
     from trainer.loop import recommend
 
+    if k < 1:
+        fail(f"-k {k}: the number of items to recommend must be >= 1")
     recs = _run(lambda: recommend(run, user, k, include_seen=include_seen))
     t = Table(title=f"top {k} for user {user} ({run})")
     for c in ("rank", "item_id", "title", "score"):

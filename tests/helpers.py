@@ -95,3 +95,29 @@ def http_server(routes: dict[str, tuple]) -> Iterator[tuple[str, dict[str, int]]
     finally:
         server.shutdown()
         server.server_close()
+
+
+def write_office_cut(dest: Path, n_users: int = 70) -> tuple[Path, Path]:
+    """Every interaction of the first `n_users` users of the real Amazon Office
+    interactions.csv, and the items.tsv rows they name, in the dataset's own layout (read at
+    test time, never kept)."""
+    from tests.conftest import OFFICE, require
+
+    src = require(OFFICE)
+    dest.mkdir(parents=True, exist_ok=True)
+    header, *rows = (src / "interactions.csv").read_text().splitlines()
+    users: list[str] = []
+    for ln in rows:
+        u = ln.split(",", 1)[0]
+        if u not in users:
+            users.append(u)
+            if len(users) == n_users:
+                break
+    chosen = set(users)
+    keep = [ln for ln in rows if ln.split(",", 1)[0] in chosen]
+    items = {ln.split(",")[1] for ln in keep}
+    item_header, *item_rows = (src / "items.tsv").read_text().splitlines()
+    item_rows = [ln for ln in item_rows if ln.split("\t", 1)[0] in items]
+    (dest / "interactions.csv").write_text("\n".join([header, *keep]) + "\n")
+    (dest / "items.tsv").write_text("\n".join([item_header, *item_rows]) + "\n")
+    return dest / "interactions.csv", dest / "items.tsv"
