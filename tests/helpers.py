@@ -25,7 +25,9 @@ def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (32, 32)) -> bytes:
     return buf.getvalue()
 
 
-def write_movielens(root: Path, ratings: list[str], movies: list[bytes], posters: dict[str, bytes]) -> Path:
+def write_movielens(
+    root: Path, ratings: list[str], movies: list[bytes], posters: dict[str, bytes]
+) -> Path:
     """A MovieLens folder in the GroupLens layout (movies.dat given as raw latin-1 bytes)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "ratings.dat").write_text("\n".join(ratings) + "\n")
@@ -58,6 +60,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "3")
             self.end_headers()
             self.wfile.write(b"abc")
+        elif kind == "drip":  # announces n bytes, then sends one every `interval` seconds
+            n, interval = arg
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            try:
+                for _ in range(n):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(interval)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up: expected
+                self.close_connection = True
         elif kind == "truncated":  # announces more bytes than it sends, then closes
             body = arg[0]
             self.send_response(200)
