@@ -41,7 +41,8 @@ import torch  # noqa: E402
 from features.store import WarehouseConfig  # noqa: E402
 from trainer.config import Config, merge  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
-from trainer.loop import Trainer, finetune, pretrain  # noqa: E402
+from trainer.stages import finetune, pretrain  # noqa: E402
+from trainer.trainer import Trainer  # noqa: E402
 
 
 def peak_rss_mb() -> float:

@@ -131,7 +131,7 @@ def demo(
     from flows.features import features_flow
     from flows.train import train_flow
     from pipeline.paths import data_root
-    from trainer.loop import recommend
+    from trainer.recommend import recommend
 
     ml = data_root() / "movielens-1m"
     if not (ml / "ratings.dat").is_file():

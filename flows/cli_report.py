@@ -47,7 +47,7 @@ def report(
     """Baselines, ablations, cold-start and cross-domain runs -> report.md, metrics.csv, plots."""
     from dataclasses import replace
 
-    from trainer.config import Config, load_yaml, merge, parse_override
+    from trainer.config import load_yaml, parse_override, resolve
     from trainer.experiments import BUDGETS, GROUPS, run_matrix
     from trainer.report import write_report
 
@@ -69,12 +69,13 @@ def report(
     ds = [d.strip() for d in datasets.split(",") if d.strip()]
     if not ds:
         fail("--datasets is empty")
-    base = Config()
-    if config is not None:
-        base = merge(base, load_yaml(config))
-    for item in sets or []:
-        base = merge(base, parse_override(item))
-    base = merge(base, {"runtime": {"progress": progress}})
+    try:
+        base = [load_yaml(config)] if config is not None else []
+        base += [parse_override(item) for item in sets or []]
+        resolve([*base])  # a bad value fails here, before any run
+    except (ValueError, OSError) as e:
+        fail(e)
+    base.append({"runtime": {"progress": progress}})
 
     def on_cell(i: int, n: int, c) -> None:  # noqa: ANN001
         how = "reused" if c.reused else f"trained in {c.seconds / 60:.1f} min"

@@ -17,7 +17,7 @@ from flows.cli_common import console, fail
 
 if TYPE_CHECKING:
     from trainer.config import Config
-    from trainer.loop import RunResult
+    from trainer.runlog import RunResult
 
 
 Dataset = Annotated[str, typer.Option(help="dataset in the warehouse")]
@@ -62,14 +62,12 @@ def build_config(
     progress: bool = True,
     extra: dict | None = None,
 ) -> Config:
-    """Defaults <- YAML <- --set <- flags; `stage` is "pretrain", "finetune" or "both"."""
-    from trainer.config import Config, load_yaml, merge, parse_override
+    """Defaults of the chosen model.arch <- YAML <- --set <- flags; `stage` is "pretrain",
+    "finetune" or "both"."""
+    from trainer.config import load_yaml, parse_override, resolve
 
-    cfg = Config()
-    if config is not None:
-        cfg = merge(cfg, load_yaml(config))
-    for item in sets or []:
-        cfg = merge(cfg, parse_override(item))
+    layers = [load_yaml(config)] if config is not None else []
+    layers += [parse_override(item) for item in sets or []]
     stages = ("pretrain", "finetune") if stage == "both" else (stage,)
     train_flags = {
         k: v
@@ -89,14 +87,14 @@ def build_config(
         over["model"] = {"modalities": modalities}
     for section, values in (extra or {}).items():
         over.setdefault(section, {}).update(values)
-    return merge(cfg, over)
+    return resolve([*layers, over])
 
 
 def _run(fn):
     """Call fn(); print trainer errors without a traceback."""
     from features.store import WarehouseError
     from trainer.data import DataError
-    from trainer.loop import RunError
+    from trainer.runlog import RunError
 
     try:
         return fn()
@@ -110,24 +108,28 @@ def print_result(res: RunResult) -> None:
     if not is_main():  # under torchrun, rank 0 alone prints
         return
     console.print(
-        f"[bold]{res.run_id}[/] ({res.kind}): best epoch {res.best_epoch} of {res.epochs_run}, "
-        f"checkpoint {res.checkpoint_dir}",
+        f"[bold]{res.run_id}[/] ({res.kind}, {res.model}): best epoch {res.best_epoch} of "
+        f"{res.epochs_run}"
+        + (f", {res.seconds:.0f} s of training" if res.seconds else "")
+        + f", checkpoint {res.checkpoint_dir}",
         soft_wrap=True,
     )
     keys = ["Recall@10", "NDCG@10", "MRR@10", "Recall@20", "NDCG@20", "Recall@50", "NDCG@50"]
     short = [k.replace("Recall", "R").replace("NDCG", "N").replace("MRR", "MRR") for k in keys]
     console.print("full ranking over all items (best epoch):")
+    width = max(10, len(res.model))
     console.print(
-        f"{'split':6} {'subset':6} {'model':10} {'cases':>6} " + " ".join(f"{k:>7}" for k in short),
+        f"{'split':6} {'subset':6} {'model':{width}} {'cases':>6} "
+        + " ".join(f"{k:>7}" for k in short),
         markup=False,
     )
     for split, per in (("valid", res.valid), ("test", res.test)):
         for subset, m in per.items():
-            rows = [("M2SE", m), ("popularity", res.popularity.get(split, {}).get(subset))]
+            rows = [(res.model, m), ("popularity", res.popularity.get(split, {}).get(subset))]
             for name, vals in rows:
                 if vals:
                     console.print(
-                        f"{split:6} {subset:6} {name:10} {vals.get('n_cases', 0):6.0f} "
+                        f"{split:6} {subset:6} {name:{width}} {vals.get('n_cases', 0):6.0f} "
                         + " ".join(f"{vals.get(k, float('nan')):7.4f}" for k in keys),
                         markup=False,
                         soft_wrap=True,
@@ -154,7 +156,7 @@ def pretrain_cmd(
     progress: Progress = True,
 ) -> None:
     """Pre-train M2SE (NIP per modality + lambda * CMCL) on a dataset's cached features."""
-    from trainer.loop import pretrain
+    from trainer.stages import pretrain
 
     extra = {}
     if no_mixup:
@@ -204,7 +206,7 @@ def finetune_cmd(
     progress: Progress = True,
 ) -> None:
     """Fine-tune (transductive by default) with a softmax over all items; ends with the test evaluation."""
-    from trainer.loop import finetune
+    from trainer.stages import finetune
 
     extra = {"finetune": {"transductive": False}} if inductive else {}
     cfg = _run(
@@ -237,7 +239,7 @@ def evaluate_cmd(
 ) -> None:
     """Full-ranking evaluation of a run's best checkpoint on valid and test, with a popularity row."""
     from trainer.config import Config, merge
-    from trainer.loop import evaluate_run
+    from trainer.finished_runs import evaluate_run
 
     cfg = _run(lambda: merge(Config(), {"runtime": {"device": device or "auto"}}))
     res = _run(lambda: evaluate_run(run, cfg=cfg, exclude_history=exclude_history))
@@ -259,7 +261,7 @@ def train_cmd(
     progress: Progress = True,
 ) -> None:
     """Pre-train, fine-tune from it and evaluate, in one command."""
-    from trainer.loop import train
+    from trainer.stages import train
 
     cfg = _run(
         lambda: build_config(
@@ -294,7 +296,7 @@ def recommend_cmd(
     ] = False,
 ) -> None:
     """Print a user's top-k items (with titles) after their whole history."""
-    from trainer.loop import recommend
+    from trainer.recommend import recommend
 
     if k < 1:
         fail(f"-k {k}: the number of items to recommend must be >= 1")

@@ -13,7 +13,8 @@ from prefect import flow, get_run_logger, task
 from features import store
 from features.store import WarehouseConfig
 from trainer.config import Config
-from trainer.loop import evaluate_run, finetune, pretrain
+from trainer.finished_runs import evaluate_run
+from trainer.stages import finetune, pretrain
 
 
 @task(name="pretrain")

@@ -19,9 +19,9 @@ from tests.trainer_fixtures import ML_CUT, OFFICE_CUT, built_warehouse, warehous
 from trainer.config import Config, M2SEConfig
 from trainer.data import DataConfig, hold_out_items, load_dataset
 from trainer.experiments import BUDGETS, plan, run_key
-from trainer.loop import without_empty_modality
 from trainer.model import M2SE
 from trainer.sasrec import SASRec
+from trainer.trainer import model_name, without_empty_modality
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,20 +112,26 @@ def test_nip_image_off_drops_the_term_and_both_off_is_an_error() -> None:
         )
 
 
-def test_pretraining_without_any_image_switches_off_the_image_objectives() -> None:
+def test_a_dataset_without_any_image_trains_a_text_model() -> None:
     wh = _shared()
     office = load_dataset(DataConfig(dataset=OFFICE_CUT), wh, "both")
     ml = load_dataset(DataConfig(dataset=ML_CUT), wh, "both")
     cfg = Config()
     off = without_empty_modality(cfg, office)
-    assert (off.pretrain.cmcl, off.pretrain.nip_image, off.model.mixup) == (False, False, False)
+    assert off.model.modalities == "text" and model_name(off, "finetune").startswith("M2SE (text)")
     assert without_empty_modality(cfg, ml) == cfg
+    assert model_name(cfg, "pretrain") == "M2SE (text+image)"
 
 
 def test_run_ids_follow_the_configuration() -> None:
-    a = Config.from_dict({"data": {"dataset": "x"}})
-    b = Config.from_dict({"data": {"dataset": "x"}, "runtime": {"threads": 1, "progress": False}})
+    a = Config.from_dict({"data": {"dataset": "x"}, "runtime": {"device": "cpu"}})
+    b = Config.from_dict(
+        {"data": {"dataset": "x"}, "runtime": {"device": "cpu", "threads": 1, "progress": False}}
+    )
     c = Config.from_dict({"data": {"dataset": "x"}, "finetune": {"lr": 0.5}})
+    bf16 = Config.from_dict({"data": {"dataset": "x"}, "runtime": {"device": "cpu", "amp": "bf16"}})
+    # Precision changes the numbers: a bf16 run is never reused for an fp32 one.
+    assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, bf16, None)
     assert run_key("finetune", "x", 1, a, None) == run_key("finetune", "x", 1, b, None)
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, c, None)
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, a, "parent")
@@ -187,13 +193,18 @@ def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:
     assert f"({n_cells} cells, {n_cells} reused)" in again.stdout.replace("\n", " ")
 
 
-def test_cpu_budget_runs_sasrec_to_its_epoch_cap() -> None:
+def test_report_rows_train_with_their_architectures_defaults_to_early_stop() -> None:
+    from trainer.config import defaults
     from trainer.experiments import stage_configs, variants
 
     rows = {v.name: v for v in variants(None)}
     b = BUDGETS["cpu"]
-    _, sas = stage_configs(Config(), b, "office", rows["SASRec (ID)"], 1, {})
-    _, ours = stage_configs(Config(), b, "office", rows["MSM4SR"], 1, {})
-    assert sas.finetune.patience == sas.finetune.max_epochs == b.for_dataset("office")[1]
-    assert ours.finetune.patience == b.for_dataset("office")[2] < ours.finetune.max_epochs
-    assert (sas.finetune.lr, sas.model.hidden_dropout) == (1e-3, 0.5)
+    user = [{"finetune": {"patience": 7}}]  # the user's --set reaches every row
+    _, sas = stage_configs(user, b, "office", rows["SASRec (ID)"], 1, {})
+    pre, ours = stage_configs(user, b, "office", rows["MSM4SR"], 1, {})
+    want_sas, want_m2se = defaults("sasrec"), defaults("m2se")
+    assert sas.model == want_sas.model and sas.finetune.lr == want_sas.finetune.lr
+    assert ours.model == want_m2se.model and pre is not None
+    assert sas.finetune.max_epochs == want_sas.finetune.max_epochs  # no per-arch cap
+    assert sas.finetune.patience == ours.finetune.patience == 7
+    assert len(b.seeds_for("ml-1m", True)) == 1 and len(b.seeds_for("amazon-office", True)) == 3

@@ -62,7 +62,7 @@ def test_all_positions_windows_cover_every_prefix_target_once() -> None:
     d = _toy()
     ap, ep = train_samples(d, "all_positions"), train_samples(d, "every_prefix")
     b_ap = collate(d, ap, np.arange(len(ap)))
-    b_ep = collate(d, ep, np.arange(len(ep)))
+    b_ep = collate(d, ep, np.argsort(ep.ends, kind="stable"))  # oldest target first
     # user 0: train 1..7 -> windows [4,5,6] -> [5,6,7] and [1,2,3] -> [2,3,4]; user 1: [11] -> [12].
     assert b_ap.inputs.tolist() == [[4, 5, 6], [1, 2, 3], [11, 0, 0]]
     assert b_ap.targets.tolist() == [[5, 6, 7], [2, 3, 4], [12, 0, 0]]
@@ -73,6 +73,40 @@ def test_all_positions_windows_cover_every_prefix_target_once() -> None:
     assert Counter(b_ap.targets[b_ap.targets > 0].tolist()) == Counter(
         b_ep.targets[b_ep.targets > 0].tolist()
     )
+
+
+def test_overlapping_windows_give_each_target_its_context_once_per_epoch() -> None:
+    """windows mode, stride 2 on max_len 3: every train target is predicted exactly once per
+    epoch and sees >= max_len - stride + 1 = 2 items (or its whole history); the cut points
+    move between epochs and repeat for the same (seed, epoch)."""
+    d = _toy()
+    flat_first = d.offsets[:-1]
+    seen_layouts = set()
+    for epoch in range(1, 6):
+        s = train_samples(d, "windows", window_stride=2, seed=7, epoch=epoch)
+        b = collate(d, s, np.arange(len(s)))
+        targets = b.targets[b.targets > 0].tolist()
+        assert sorted(targets) == [2, 3, 4, 5, 6, 7, 12]
+        for row in range(len(s)):
+            for pos in np.flatnonzero(b.targets[row].numpy() > 0):
+                context = pos + 1  # inputs 0..pos precede the target
+                target_flat = s.starts[row] + pos + 1
+                user = int(np.searchsorted(flat_first, target_flat, side="right") - 1)
+                assert context >= min(2, target_flat - flat_first[user])
+        assert s.n_targets == 7
+        again = train_samples(d, "windows", window_stride=2, seed=7, epoch=epoch)
+        assert again.ends.tolist() == s.ends.tolist()
+        seen_layouts.add(tuple(s.ends.tolist()))
+    assert len(seen_layouts) > 1  # re-drawn
+
+
+def test_batches_are_measured_in_targets() -> None:
+    d = _toy()
+    s = train_samples(d, "all_positions")  # windows of 3, 3 and 1 targets
+    sizes = [b.n_targets for b in iterate_batches(d, s, 4, seed=1, epoch=1)]
+    assert sum(sizes) == 7 and all(n >= 3 for n in sizes[:-1])
+    assert len(list(iterate_batches(d, s, 1, seed=1, epoch=1))) == 3  # a window is never split
+    assert len(list(iterate_batches(d, s, 100, seed=1, epoch=1))) == 1
 
 
 def test_batches_depend_only_on_seed_and_epoch() -> None:

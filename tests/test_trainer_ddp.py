@@ -120,7 +120,7 @@ def _rows(wh, run_id: str) -> dict[tuple, float]:
 
 def test_two_processes_match_one_process(wh) -> None:
     from flows.cli_train import build_config
-    from trainer.loop import finetune
+    from trainer.stages import finetune
 
     n_samples = len(train_samples(load_dataset(DataConfig(dataset=ML_CUT), wh)))
     B = _batch_size(n_samples)

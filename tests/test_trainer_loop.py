@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 from features import store
 from tests.trainer_fixtures import ML_CUT, OFFICE_CUT, warehouse_copy
 from trainer.config import Config, merge
-from trainer.loop import evaluate_run, finetune, pretrain, recommend
+from trainer.finished_runs import evaluate_run
+from trainer.recommend import recommend
+from trainer.stages import finetune, pretrain
 
 QUICK = {"batch_size": 64, "max_epochs": 2}
 
@@ -61,7 +63,7 @@ def test_runs_and_metrics_are_logged(wh, trained) -> None:
         "finetune",
         "finished",
     )
-    assert f["parent_run_id"] == pre.run_id and f["model"] == "M2SE-transductive"
+    assert f["parent_run_id"] == pre.run_id and f["model"] == "M2SE (text+image), transductive"
     assert p["snapshot_id"] == f["snapshot_id"] and p["seed"] == 2020 and len(p["git_commit"]) >= 7
     conf = json.loads(f["config"])
     assert (
@@ -234,7 +236,7 @@ def test_overfits_fifty_sequences(tmp_path: Path) -> None:
     import numpy as np
 
     from trainer.data import load_dataset
-    from trainer.loop import Trainer
+    from trainer.trainer import Trainer
 
     wh = warehouse_copy(tmp_path / "wh")
     cfg = _cfg(

@@ -17,9 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SAMPLE_MODES = ("all_positions", "every_prefix")
-# Input sequences per batch by sample mode (see TrainConfig.batch_size).
-DEFAULT_BATCH = {"every_prefix": 1024, "all_positions": 256}
+SAMPLE_MODES = ("windows", "every_prefix", "all_positions")
 MODALITIES = ("both", "text", "image")
 # "m2se": the multimodal encoder; "sasrec": the item-ID SASRec baseline (no features).
 ARCHS = ("m2se", "sasrec")
@@ -142,10 +140,9 @@ class TrainConfig:
     lr: float = 1e-3
     # Adam weight decay (L2, as RecBole's Adam) [0 pre-training, 1e-3 fine-tuning].
     weight_decay: float = 0.0
-    # Input sequences per batch; None = the sample mode's default: every_prefix 1024 prefixes
-    # (PAPER.md [1024], one target each), all_positions 256 windows (each up to max_len
-    # targets: ~11k targets per step on ML-1M; chosen for speed and memory, see bench/trainer.py).
-    batch_size: int | None = None
+    # Targets (predicted next items) per optimizer step, in every sample mode: windows are
+    # grouped until their targets reach it (PAPER.md [1024] prefixes = 1024 targets).
+    batch_size: int = 1024
     # Maximum epochs [300].
     max_epochs: int = 300
     # Early stopping: epochs without a better validation Recall@20 before stopping [20].
@@ -158,9 +155,14 @@ class TrainConfig:
     seed: int = 2020
     # InfoNCE / softmax temperature tau [0.07].
     tau: float = 0.07
-    # "all_positions": every position of a train window in one causal pass (fast, same
-    # targets); "every_prefix": one sample per prefix, as the paper.
-    sample_mode: str = "all_positions"
+    # How train sequences become samples (trainer/data.py): "windows" = windows of max_len
+    # items that predict their last `window_stride` positions, cut points re-drawn every epoch
+    # (every target once per epoch, with >= max_len - window_stride + 1 items of context);
+    # "every_prefix" = one target per window (the paper's samples, window_stride 1);
+    # "all_positions" = fixed non-overlapping windows (window_stride max_len).
+    sample_mode: str = "windows"
+    # Targets per window in "windows" mode (1..max_len).
+    window_stride: int = 10
     # Pre-training only: weight lambda of CMCL [0.01].
     cmcl_weight: float = 0.01
     # Pre-training only: CMCL on/off (ablation "CMCL off").
@@ -179,17 +181,18 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.sample_mode not in SAMPLE_MODES:
             raise ValueError(f"sample_mode={self.sample_mode!r} is not one of {SAMPLE_MODES}")
-        for name in ("lr", "tau", "batch_size", "max_epochs", "loss_block", "cmcl_rows"):
+        for name in (
+            "lr",
+            "tau",
+            "batch_size",
+            "max_epochs",
+            "loss_block",
+            "cmcl_rows",
+            "window_stride",
+        ):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name}={v} must be > 0")
-
-    @property
-    def batch(self) -> int:
-        """batch_size, or the sample mode's default."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return DEFAULT_BATCH[self.sample_mode]
 
 
 def pretrain_defaults() -> TrainConfig:
@@ -272,9 +275,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        """Build from nested dicts (YAML / JSON); an unknown section or key raises naming it."""
-        cfg = cls()
-        return merge(cfg, d)
+        """Build from nested dicts (YAML / JSON) on the defaults of the architecture they name
+        (`model.arch`); an unknown section or key raises naming it."""
+        return resolve([d])
 
 
 _TRUE = ("true", "yes", "on", "1")
@@ -405,3 +408,35 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 def config_from_json(text: str) -> Config:
     return Config.from_dict(json.loads(text))
+
+
+# Each architecture's own defaults, applied over the dataclass defaults (which are M2SE's);
+# docs/trainer.md gives the measurements behind them.
+ARCH_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "m2se": {},
+    "sasrec": {
+        "model": {"hidden_dropout": 0.5, "attn_dropout": 0.5},
+        "finetune": {"lr": 1e-3, "weight_decay": 0.0},
+    },
+}
+
+
+def defaults(arch: str = "m2se") -> Config:
+    """The default Config of architecture `arch`."""
+    if arch not in ARCH_DEFAULTS:
+        raise ValueError(f"model.arch={arch!r} is not one of {sorted(ARCH_DEFAULTS)}")
+    return merge(Config(), ARCH_DEFAULTS[arch])
+
+
+def resolve(overrides: list[dict[str, Any]]) -> Config:
+    """Overrides (YAML, --set, flags; later ones win) applied to the defaults of the
+    architecture they select, so `model.arch=sasrec` alone gives SASRec's own defaults."""
+    arch = "m2se"
+    for d in overrides:
+        model = (d or {}).get("model") or {}
+        if isinstance(model, dict) and model.get("arch") is not None:
+            arch = str(model["arch"])
+    cfg = defaults(arch)
+    for d in overrides:
+        cfg = merge(cfg, d or {})
+    return cfg

@@ -5,12 +5,19 @@ run can be reproduced while stages keep writing. Items are indexed densely, 1..n
 padding; the text and image feature stacks are held once, as float16 `[n_items + 1, S, d]` with
 a boolean mask `[n_items + 1, S]`, and looked up per batch (computation is float32).
 
-Training samples (PAPER.md section 5: every prefix of a user's train part predicts its next item):
-- `every_prefix`: one sample per target, the input is the last `max_len` items before it.
-- `all_positions` (default): the train part is cut into windows of `max_len` inputs from its end;
-  one causal pass over a window predicts every next item in it, so every target of the train part
-  is predicted exactly once per epoch, as in `every_prefix`, at 1/max_len of the sequence passes.
-  (A target early in a window sees fewer than `max_len` items of context.)
+Training samples (PAPER.md section 5: every prefix of a user's train part predicts its next item).
+A sample is a window of at most `max_len` consecutive items of one user's train part; one causal
+pass over it predicts the items that follow its last `stride` positions (all its positions for
+the user's oldest window). So every target of the train part is predicted exactly once per epoch
+with at least `max_len - stride + 1` items of context (its whole history when shorter), at about
+1/stride of the sequence passes of one pass per target:
+- `windows` (default): stride `window_stride`; the cut points between windows are re-drawn every
+  epoch (a random shift per user, from (seed, epoch)), so a target's window varies over epochs.
+- `every_prefix`: stride 1, one target per window with its full context, as the paper.
+- `all_positions`: stride `max_len`, non-overlapping fixed windows (a target early in a window
+  sees little context; kept for comparison).
+Batches are measured in targets (`batch_size`): shuffled windows are grouped until their targets
+reach it, so one step sees about the same number of targets in every mode and on every dataset.
 """
 
 from __future__ import annotations
@@ -145,44 +152,72 @@ def eval_cases(data: SeqDataset, split: str) -> EvalCases:
 
 @dataclass
 class TrainSamples:
-    """Training samples as flat index ranges: inputs are items[start:end]."""
+    """Training windows as flat index ranges: the inputs are items[start:end], and the window
+    predicts the targets items[first_target..end] (each the item after an input position)."""
 
-    starts: np.ndarray  # [n] int64
-    ends: np.ndarray  # [n] int64, end - start in 1..max_len
-    mode: str  # all_positions | every_prefix
+    starts: np.ndarray  # [n] int64 first input
+    ends: np.ndarray  # [n] int64 flat index of the last target; end - start in 1..max_len
+    first_targets: np.ndarray  # [n] int64 flat index of the first target; start < it <= end
+    mode: str  # windows | all_positions | every_prefix
 
     def __len__(self) -> int:
         return len(self.starts)
 
     @property
+    def targets_each(self) -> np.ndarray:
+        return self.ends - self.first_targets + 1
+
+    @property
     def n_targets(self) -> int:
-        if self.mode == "every_prefix":
-            return len(self.starts)
-        return int((self.ends - self.starts).sum())
+        return int(self.targets_each.sum())
 
 
-def train_samples(data: SeqDataset, mode: str = "all_positions") -> TrainSamples:
-    """The training samples of every user's train part (all but the last two items)."""
+def mode_stride(mode: str, max_len: int, window_stride: int) -> int:
+    """Targets per window of a sample mode."""
+    if mode == "every_prefix":
+        return 1
+    if mode == "all_positions":
+        return max_len
+    if mode == "windows":
+        return max(1, min(window_stride, max_len))
+    raise ValueError(f"sample mode {mode!r} is not windows, all_positions or every_prefix")
+
+
+def train_samples(
+    data: SeqDataset,
+    mode: str = "windows",
+    window_stride: int = 10,
+    seed: int = 0,
+    epoch: int = 0,
+) -> TrainSamples:
+    """The training windows of every user's train part (all but the last two items).
+
+    Counting back from a user's last train target, the first window predicts its newest
+    `stride - shift` targets and every further window the `stride` before; `shift` is drawn per
+    user from (seed, epoch) in `windows` mode (0 otherwise). A window's inputs are the up to
+    `max_len` items before its last target.
+    """
     first = data.offsets[:-1]
     train_end = data.offsets[1:] - 2  # exclusive end of the train part
-    m = train_end - first  # train items per user
-    L = data.max_len
-    if mode == "every_prefix":
-        n_t = np.maximum(m - 1, 0)  # targets per user: train items 1..m-1
-        user = np.repeat(np.arange(data.n_users), n_t)
-        rank = np.arange(n_t.sum()) - np.repeat(np.cumsum(n_t) - n_t, n_t)
-        target = first[user] + 1 + rank  # flat index of each target
-        starts = np.maximum(first[user], target - L)
-        return TrainSamples(starts.astype(np.int64), target.astype(np.int64), mode)
-    if mode != "all_positions":
-        raise ValueError(f"sample mode {mode!r} is not all_positions or every_prefix")
-    # Windows from the end: window k covers targets (b - L, b] with b = train_end - 1 - k * L.
-    n_w = np.ceil(np.maximum(m - 1, 0) / L).astype(np.int64)
+    n_t = np.maximum(train_end - first - 1, 0)  # targets per user: train items 1..m-1
+    L, s = data.max_len, mode_stride(mode, data.max_len, window_stride)
+    if mode == "windows" and s > 1:
+        rng = np.random.default_rng([seed, epoch, 7])
+        shift = rng.integers(0, s, size=data.n_users)
+    else:
+        shift = np.zeros(data.n_users, dtype=np.int64)
+    head = s - shift  # targets of the newest window, 1..s
+    n_w = np.where(n_t > 0, 1 + -(-np.maximum(n_t - head, 0) // s), 0)
     user = np.repeat(np.arange(data.n_users), n_w)
-    k = np.arange(n_w.sum()) - np.repeat(np.cumsum(n_w) - n_w, n_w)
-    b = train_end[user] - 1 - k * L  # flat index of the window's last target
-    a = np.maximum(first[user], b - L)  # first input
-    return TrainSamples(a.astype(np.int64), b.astype(np.int64), mode)
+    k = np.arange(n_w.sum()) - np.repeat(np.cumsum(n_w) - n_w, n_w)  # window rank, newest = 0
+    last = train_end[user] - 1  # flat index of the user's last train target
+    end = np.where(k == 0, last, last - head[user] - (k - 1) * s)
+    size = np.where(k == 0, head[user], s)
+    first_target = np.maximum(end - size + 1, first[user] + 1)
+    start = np.maximum(first[user], end - L)
+    return TrainSamples(
+        start.astype(np.int64), end.astype(np.int64), first_target.astype(np.int64), mode
+    )
 
 
 @dataclass
@@ -211,19 +246,46 @@ def collate(data: SeqDataset, samples: TrainSamples, idx: np.ndarray) -> Batch:
     pos = np.arange(L)[None, :]
     n = (ends - starts)[:, None]
     nxt = data.items[np.minimum(starts[:, None] + pos + 1, len(data.items) - 1)]
-    keep = pos < n if samples.mode == "all_positions" else pos == n - 1
-    targets = np.where(keep, nxt, 0).astype(np.int64)
+    lo = (samples.first_targets[idx] - starts - 1)[:, None]  # first position with a target
+    targets = np.where((pos < n) & (pos >= lo), nxt, 0).astype(np.int64)
     return Batch(torch.from_numpy(inputs), torch.from_numpy(targets))
 
 
-def iterate_batches(
-    data: SeqDataset, samples: TrainSamples, batch_size: int, seed: int, epoch: int
-) -> Iterator[Batch]:
-    """Shuffled batches; the order depends only on (seed, epoch), so a resumed run repeats it."""
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled window order of an epoch; it depends only on (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(samples), generator=gen).numpy()
-    for s in range(0, len(order), batch_size):
-        yield collate(data, samples, order[s : s + batch_size])
+    return torch.randperm(n, generator=gen).numpy()
+
+
+def epoch_batches(
+    samples: TrainSamples, batch_targets: int, seed: int, epoch: int
+) -> list[np.ndarray]:
+    """The epoch's windows grouped into batches of about `batch_targets` targets each (a window is
+    never split), in random order.
+
+    Windows of similar length share a batch (shuffled, then sorted by length, stably), so a batch
+    is padded only to about its own windows' length: on a dataset of short histories (Amazon
+    Office: most windows hold < 10 items) this removes most of the padded positions a
+    max_len-wide batch would compute. Which windows meet in a batch and the order of the batches
+    still change every epoch. Depends only on (seed, epoch): a resumed run repeats it.
+    """
+    order = epoch_order(len(samples), seed, epoch)
+    if len(order) == 0:
+        return []
+    order = order[np.argsort((samples.ends - samples.starts)[order], kind="stable")]
+    cum = np.cumsum(samples.targets_each[order])
+    bid = (cum - 1) // max(1, batch_targets)
+    batches = np.split(order, np.flatnonzero(np.diff(bid)) + 1)
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def iterate_batches(
+    data: SeqDataset, samples: TrainSamples, batch_targets: int, seed: int, epoch: int
+) -> Iterator[Batch]:
+    """The batches of `epoch_batches`, collated."""
+    for idx in epoch_batches(samples, batch_targets, seed, epoch):
+        yield collate(data, samples, idx)
 
 
 # --------------------------------------------------------------------------- loading
@@ -324,10 +386,13 @@ def hold_out_items(
 
 
 def load_dataset(
-    cfg: DataConfig, wh: WarehouseConfig | None = None, modalities: str = "both"
+    cfg: DataConfig, wh: WarehouseConfig | None = None, modalities: str | None = "both"
 ) -> SeqDataset:
     """Read `cfg.dataset` at one snapshot into a SeqDataset (sequences + the asked modalities)."""
-    want = ("text", "image") if modalities == "both" else (modalities,)
+    if modalities is None:  # an ID-only model (SASRec): sequences only
+        want: tuple[str, ...] = ()
+    else:
+        want = ("text", "image") if modalities == "both" else (modalities,)
     with store.connect(wh, create=False, read_only=True) as con:
         snap = cfg.snapshot if cfg.snapshot is not None else store.snapshot_id(con)
         # Dense indices are assigned in SQL: only integers cross into Python.
@@ -382,7 +447,7 @@ def load_dataset(
             )
 
         enc = cfg.encoder_version
-        if enc is None:
+        if enc is None and want:
             enc = latest_version(
                 con, "item_text_features", "encoder_version", "encoder", cfg.dataset, snap
             )

@@ -7,15 +7,15 @@ WORLD_SIZE=1, every function here is the identity and the trainer runs as one pr
 What is shared and what is sharded (the equivalence with one process):
 - Every rank reads the dataset at ONE snapshot (rank 0's, broadcast) and holds every sequence
   and item feature (the full softmax and the full-ranking evaluation need all items).
-- Training windows: the epoch's order is the single-process order (a function of (seed, epoch),
-  so `--resume` repeats it); global batch k is the same `batch_size` samples as on one process,
-  and rank r takes its positions r, r + W, r + 2W... (batch_size / W samples per rank). A rank
-  whose share of the last batch is empty runs one sample with no targets (zero weight).
+- Training windows: the epoch's windows and batches are the single-process ones (a function of
+  (seed, epoch), so `--resume` repeats them); global batch k is the same windows (about
+  `batch_size` targets) as on one process, and rank r takes its windows r, r + W, r + 2W... A
+  rank whose share of a batch is empty runs one window with no targets (zero weight).
 - Gradients: each rank's mean loss is weighted by n_local * W / n_global (targets of the step)
   before DDP averages the gradients, so the update is the gradient of the global batch's mean
   loss: fine-tuning (softmax over all items) is exactly data-parallel, up to float summation
   order. Pre-training (NIP / CMCL) uses in-batch negatives PER RANK: the negatives of a row are
-  the targets of its rank's batch_size / W sequences, not of the whole global batch.
+  the targets of its rank's share of the batch, not of the whole global batch.
 - Logged loss terms: per step, the n-weighted mean over ranks (the global batch's mean for the
   fine-tuning softmax), so the train rows match a single-process run.
 - Dropout / item drop / mixup draw from a per-rank stream re-seeded from (seed, epoch, rank)
@@ -192,25 +192,17 @@ def pin_snapshot(cfg: Any, read_snapshot: Any) -> Any:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, snapshot=snap))
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The shuffled sample order of an epoch: the same as trainer.data.iterate_batches'."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=gen).numpy()
-
-
 def shard_batches(
-    data: Any, samples: Any, batch_size: int, seed: int, epoch: int, r: int, w: int
+    data: Any, samples: Any, batch_targets: int, seed: int, epoch: int, r: int, w: int
 ) -> Iterator[Any]:
-    """Rank r's part of each global batch: positions r, r + w, ... of the single-process batch.
+    """Rank r's part of each global batch: windows r, r + w, ... of the single-process batch.
 
-    Every rank yields ceil(n / batch_size) batches (DDP needs the same number of steps); an
-    empty share (only in a last batch smaller than w) is one sample with all targets 0.
+    Every rank yields as many batches as one process would (DDP needs the same number of steps);
+    an empty share (only in a batch of fewer than w windows) is one window with all targets 0.
     """
-    from trainer.data import Batch, collate
+    from trainer.data import Batch, collate, epoch_batches
 
-    order = epoch_order(len(samples), seed, epoch)
-    for s in range(0, len(order), batch_size):
-        glob = order[s : s + batch_size]
+    for glob in epoch_batches(samples, batch_targets, seed, epoch):
         mine = glob[r::w]
         if len(mine):
             yield collate(data, samples, mine)

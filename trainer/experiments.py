@@ -1,15 +1,16 @@
 """The experiment matrix of the report: baselines, ablations, cold-start and cross-domain runs.
 
-Every cell is an ordinary pre-training / fine-tuning run of trainer.loop (same split, batches,
-early stopping on validation Recall@20 and full-ranking metrics), so every number of the report
+Every cell is an ordinary pre-training / fine-tuning run of trainer.stages (same split, batches,
+early stopping on validation NDCG@10 and full-ranking metrics), so every number of the report
 is a `runs` row with its `metrics` rows. A run's id is derived from its resolved configuration
 (dataset, feature versions, seed, every hyper-parameter, the pre-training run it starts from), so a
 second `msm4sr report` reuses finished runs, resumes a killed one from its last checkpoint and
 trains only what is missing; a changed budget gives new ids.
 
-Budgets: "cpu" fits ML-1M + Amazon Office in about two hours on 2 cores (few epochs, 3 seeds for
-the main rows only, the fine-tune lr raised to 1e-3 from the paper's grid); "full" is the paper's
-schedule (300 epochs, patience 20, 3 seeds everywhere) for a GPU. Nothing is chosen on test.
+Every run uses its architecture's defaults (trainer/config.py) and trains to its own early stop;
+budgets choose seeds only: "cpu" (3 seeds for Office's main rows, 1 for ML-1M's, 1 for the other
+rows), "full" (3 seeds everywhere, for a GPU), "smoke" (1 epoch per stage: plumbing only).
+Nothing is chosen on test.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from typing import Any
 
 from features import store
 from features.store import WarehouseConfig
-from trainer.config import Config, merge
+from trainer.config import Config, merge, resolve
 from trainer.data import latest_version
-from trainer.loop import RunResult, checkpoint_root, finetune, pretrain
+from trainer.runlog import RunResult, checkpoint_root
+from trainer.runtime import numeric_settings
+from trainer.stages import finetune, pretrain
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +56,7 @@ class Variant:
     main_seeds: bool = False
 
 
-SASREC = {"model": {"arch": "sasrec", "hidden_dropout": 0.5, "attn_dropout": 0.5}}
-NO_WD_LR3 = {"finetune": {"lr": 1e-3, "weight_decay": 0.0}}
+SASREC = {"model": {"arch": "sasrec"}}  # with SASRec's own defaults (trainer/config.py)
 INDUCTIVE = {"finetune": {"transductive": False}}
 HOLDOUT = {"data": {"holdout_items": 0.1}}
 
@@ -63,7 +65,7 @@ def variants(other: str | None) -> list[Variant]:
     """The matrix for one dataset; `other` = the dataset of the cross-domain rows (or None)."""
     rows = [
         Variant(
-            "SASRec (ID)", "main", pretrain=None, finetune=_deep(SASREC, NO_WD_LR3), main_seeds=True
+            "SASRec (ID)", "main", pretrain=None, finetune=SASREC, main_seeds=True
         ),
         Variant(
             "Text-only pre-trained",
@@ -91,7 +93,7 @@ def variants(other: str | None) -> list[Variant]:
             "cold-start",
             common=HOLDOUT,
             pretrain=None,
-            finetune=_deep(SASREC, NO_WD_LR3),
+            finetune=SASREC,
         ),
         Variant(
             "MSM4SR inductive, 10% items held out", "cold-start", common=HOLDOUT, finetune=INDUCTIVE
@@ -104,69 +106,46 @@ def variants(other: str | None) -> list[Variant]:
 
 @dataclass(frozen=True)
 class Budget:
-    """Epochs, seeds and batch sizes of a report; recorded in the report and in every run."""
+    """Seeds and epoch limits of a report; recorded in the report and in every run.
+
+    Every run trains with the trainer's defaults of its architecture (trainer/config.py) to its
+    own early stop; a budget only says how many seeds and, for "smoke", caps the epochs."""
 
     name: str
     # Seeds of the main rows; the other rows use the first `other_seeds` of them.
     seeds: tuple[int, ...]
     other_seeds: int
-    # dataset -> (pre-training epochs, fine-tuning epochs, patience); "*" = any other dataset.
-    epochs: dict[str, tuple[int, int, int]]
-    # Fine-tuning lr / weight decay of M2SE (SASRec always uses lr 1e-3, no weight decay).
-    finetune_lr: float
-    # dataset -> batch size (windows) of both stages; missing = the trainer's default.
-    batch: dict[str, int] = field(default_factory=dict)
-    # Architectures fine-tuned to the epoch cap without early stopping (the best epoch is still
-    # chosen by validation). SASRec's ID embeddings start from scratch: on Amazon Office its
-    # validation stays at random level for 3-4 epochs, and a short patience stops it there
-    # with its epoch-1 weights (seen with seed 2021 and patience 3).
-    full_cap: tuple[str, ...] = ()
+    # dataset -> number of seeds of its main rows (default: all of `seeds`).
+    main_seeds: dict[str, int] = field(default_factory=dict)
+    # Overrides of both training stages (e.g. {"max_epochs": 1}); empty = the defaults.
+    stages: dict[str, Any] = field(default_factory=dict)
 
-    def for_dataset(self, dataset: str) -> tuple[int, int, int]:
-        return self.epochs.get(dataset, self.epochs["*"])
+    def seeds_for(self, dataset: str, main: bool) -> tuple[int, ...]:
+        if not main:
+            return self.seeds[: self.other_seeds]
+        return self.seeds[: self.main_seeds.get(dataset, len(self.seeds))]
 
     def describe(self) -> str:
-        parts = [
-            f"{d}: pre-train {p} epochs, fine-tune <= {f} epochs (patience {pa})"
-            for d, (p, f, pa) in self.epochs.items()
-        ]
+        per = ", ".join(f"{d}: {n}" for d, n in self.main_seeds.items())
         return (
-            f"budget {self.name!r}: seeds {list(self.seeds)} for the main rows, the first "
-            f"{self.other_seeds} for ablation / cold-start / cross-domain rows; "
-            + "; ".join(parts)
-            + f"; M2SE fine-tune lr {self.finetune_lr:g}"
-            + (f"; batch {self.batch}" if self.batch else "")
+            f"budget {self.name!r}: seeds {list(self.seeds)} for the main rows"
+            + (f" (fewer on {per})" if per else "")
+            + f", the first {self.other_seeds} for ablation / cold-start / cross-domain rows; "
             + (
-                f"; no early stopping within the cap for {list(self.full_cap)}"
-                if self.full_cap
-                else ""
+                f"both stages with {self.stages}"
+                if self.stages
+                else "every run trained to its early stop with its architecture's defaults"
             )
         )
 
 
 BUDGETS: dict[str, Budget] = {
-    # ~2 h on 2 cores for ML-1M + Amazon Office (see README): few epochs, lr 1e-3 (paper's grid).
-    "cpu": Budget(
-        "cpu",
-        seeds=(2020, 2021, 2022),
-        other_seeds=1,
-        epochs={"ml-1m": (1, 3, 2), "*": (4, 15, 3)},
-        finetune_lr=1e-3,
-        batch={"amazon-office": 512},
-        full_cap=("sasrec",),
-    ),
+    # 2 cores: Office with 3 seeds for the main rows, ML-1M with 1 (its runs take ~10x longer).
+    "cpu": Budget("cpu", seeds=(2020, 2021, 2022), other_seeds=1, main_seeds={"ml-1m": 1}),
     # One epoch per stage, one seed: checks that every cell runs (minutes), not a result.
-    "smoke": Budget(
-        "smoke", seeds=(2020,), other_seeds=1, epochs={"*": (1, 1, 1)}, finetune_lr=1e-3
-    ),
-    # The paper's schedule (PAPER.md 3-4): for a GPU.
-    "full": Budget(
-        "full",
-        seeds=(2020, 2021, 2022),
-        other_seeds=3,
-        epochs={"*": (300, 300, 20)},
-        finetune_lr=1e-4,
-    ),
+    "smoke": Budget("smoke", seeds=(2020,), other_seeds=1, stages={"max_epochs": 1}),
+    # 3 seeds everywhere: for a GPU.
+    "full": Budget("full", seeds=(2020, 2021, 2022), other_seeds=3),
 }
 
 
@@ -192,9 +171,11 @@ def _deep(*ds: dict[str, Any]) -> dict[str, Any]:
 
 
 def _strip(cfg: Config) -> dict[str, Any]:
-    """The config fields that change the numbers (runtime and checkpoint paths excluded)."""
+    """The config fields that change the numbers: all but the runtime section, whose device type
+    and precision are kept (a CPU run and a bf16 GPU run are different runs)."""
     d = cfg.to_dict()
-    d.pop("runtime")
+    rt = d.pop("runtime")
+    d["numerics"] = numeric_settings(rt["device"], rt["amp"])
     return d
 
 
@@ -226,34 +207,23 @@ def feature_versions(dataset: str, wh: WarehouseConfig | None) -> dict[str, str 
 
 
 def stage_configs(
-    base: Config, budget: Budget, dataset: str, variant: Variant, seed: int, versions: dict
+    base: list[dict[str, Any]],
+    budget: Budget,
+    dataset: str,
+    variant: Variant,
+    seed: int,
+    versions: dict,
 ) -> tuple[Config | None, Config]:
-    """(pre-training config or None, fine-tuning config) of one cell."""
-    p_ep, f_ep, patience = budget.for_dataset(dataset)
-    batch = budget.batch.get(dataset)
+    """(pre-training config or None, fine-tuning config) of one cell: the defaults of the
+    cell's architecture <- the user's base layers <- the budget <- the variant."""
+    stage = {**budget.stages, "seed": seed}
     common = _deep(
         {"data": {"dataset": dataset, **versions}},
-        {
-            "pretrain": {
-                "max_epochs": p_ep,
-                "patience": patience,
-                "seed": seed,
-                "batch_size": batch,
-            },
-            "finetune": {
-                "max_epochs": f_ep,
-                "patience": patience,
-                "seed": seed,
-                "batch_size": batch,
-                "lr": budget.finetune_lr,
-            },
-        },
+        {"pretrain": dict(stage), "finetune": dict(stage)},
         variant.common,
     )
-    ft = merge(base, _deep(common, variant.finetune))
-    if ft.model.arch in budget.full_cap:
-        ft = merge(ft, {"finetune": {"patience": f_ep}})
-    pre = None if variant.pretrain is None else merge(base, _deep(common, variant.pretrain))
+    ft = resolve([*base, _deep(common, variant.finetune)])
+    pre = None if variant.pretrain is None else resolve([*base, _deep(common, variant.pretrain)])
     return pre, ft
 
 
@@ -263,7 +233,7 @@ def _finished(run_id: str, wh: WarehouseConfig | None) -> bool:
     return row is not None and row[0] == "finished"
 
 
-def _run(
+def train_or_reuse(
     kind: str,
     cfg: Config,
     run_id: str,
@@ -299,7 +269,7 @@ def plan(
         for v in variants(other):
             if only and v.group not in only:
                 continue
-            for s in budget.seeds if v.main_seeds else budget.seeds[: budget.other_seeds]:
+            for s in budget.seeds_for(ds, v.main_seeds):
                 cells.append((ds, v, s))
     cells.sort(key=lambda c: (c[2], GROUPS.index(c[1].group)))
     return cells
@@ -309,13 +279,13 @@ def run_matrix(
     datasets: list[str],
     budget: Budget,
     wh: WarehouseConfig | None = None,
-    base: Config | None = None,
+    base: list[dict[str, Any]] | None = None,
     only: Iterable[str] | None = None,
     fresh: bool = False,
     on_cell: Callable[[int, int, Cell], None] | None = None,
 ) -> tuple[list[Cell], list[str]]:
     """Train (or reuse) every cell; returns the cells and notes on what was skipped and why."""
-    base = base or Config()
+    base = base or []
     versions = {ds: feature_versions(ds, wh) for ds in datasets}
     notes = []
     cells: list[Cell] = []
@@ -346,9 +316,9 @@ def run_matrix(
         reused = True
         if pre_cfg is not None:
             cell.pretrain_run = run_key("pretrain", src, seed, pre_cfg, None)
-            reused &= _run("pretrain", pre_cfg, cell.pretrain_run, wh, None, fresh)
+            reused &= train_or_reuse("pretrain", pre_cfg, cell.pretrain_run, wh, None, fresh)
         cell.finetune_run = run_key("finetune", ds, seed, ft_cfg, cell.pretrain_run)
-        reused &= _run("finetune", ft_cfg, cell.finetune_run, wh, cell.pretrain_run, fresh)
+        reused &= train_or_reuse("finetune", ft_cfg, cell.finetune_run, wh, cell.pretrain_run, fresh)
         cell.reused, cell.seconds = reused, time.perf_counter() - t0
         cells.append(cell)
         if on_cell is not None:

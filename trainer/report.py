@@ -21,7 +21,7 @@ from pathlib import Path
 from features import store
 from features.store import WarehouseConfig
 from trainer.experiments import Budget, Cell
-from trainer.loop import git_commit
+from trainer.runlog import git_commit
 
 METRICS = ("NDCG@10", "NDCG@20", "Recall@10", "Recall@20")
 POPULARITY = "Popularity"

@@ -1,0 +1,370 @@
+"""Side-by-side peer bench: RecBole 1.2.1's SASRec, our SASRec and our MSM4SR on the same split.
+
+For each dataset (default: amazon-office, then ml-1m), on this machine, one after another, with
+the same number of threads:
+1. the warehouse's dataset is exported as RecBole atomic files by
+   `pipeline.sources.recbole.export_recbole` (exactly the interactions the trainer reads, in its
+   order), so both sides split the same sequences leave-one-out;
+2. RecBole's SASRec runs in its own throw-away venv (`bench/.recbole-venv`: RecBole 1.2.1
+   `--no-deps`, its runtime deps with numpy<2, torch from the same wheel as the project; never a
+   project dependency) with the protocol of ../shared/RECBOLE.md (CE over all items, every prefix
+   a sample, dropout 0.5, lr 1e-3, early stop on valid NDCG@10 with patience 10, full ranking,
+   history items kept, torch.compile). On ML-1M it is capped at `--recbole-ml1m-epochs` (2):
+   an epoch takes ~21 min on 2 cores; the JSON and the printout say so;
+3. our SASRec (`msm4sr finetune --set model.arch=sasrec`, nothing else) and our MSM4SR
+   (`msm4sr train`, nothing else): the trainer's defaults.
+
+Prints and writes bench/results/peer.json and bench/results/peer.png: validation NDCG@10
+against wall seconds (training + validation) for each system, the test metrics of each one's
+best validation epoch, and the ratios "seconds to reach RecBole's best validation NDCG@10"
+(ours / RecBole's time to its best epoch, and / its whole run) and "test NDCG@10 ours / RecBole".
+
+Resumable (the whole bench takes hours on 2 cores): each finished (dataset, system) is kept in
+bench/results/peer.parts/ and reused, and our runs have ids derived from their configuration, so
+a killed one resumes from its last checkpoint (`--fresh` redoes everything). A reused part keeps
+the seconds measured when it ran; the JSON records when each part ran.
+
+    .venv/bin/python bench/peer_recbole.py                       # both datasets, all systems
+    .venv/bin/python bench/peer_recbole.py --datasets amazon-office --systems recbole sasrec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from features import store  # noqa: E402
+from features.store import WarehouseConfig  # noqa: E402
+from pipeline.sources.recbole import export_recbole  # noqa: E402
+from trainer.config import Config, resolve  # noqa: E402
+from trainer.experiments import run_key, train_or_reuse  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+PARTS = RESULTS / "peer.parts"
+SYSTEMS = ("recbole", "sasrec", "msm4sr")
+LABELS = {"recbole": "RecBole 1.2.1 SASRec", "sasrec": "our SASRec", "msm4sr": "our MSM4SR"}
+RECBOLE_DEPS = [
+    "numpy<2",
+    "pandas<3",
+    "scipy",
+    "tqdm",
+    "colorlog==4.7.2",
+    "colorama==0.4.4",
+    "scikit-learn",
+    "pyyaml",
+    "tensorboard",
+    "thop",
+    "tabulate",
+    "plotly",
+    "texttable",
+    "psutil",
+]
+# ../shared/RECBOLE.md: the protocol that matches ours.
+RECBOLE_CONFIG = {
+    "USER_ID_FIELD": "user_id",
+    "ITEM_ID_FIELD": "item_id",
+    "TIME_FIELD": "timestamp",
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]},
+    "user_inter_num_interval": "[5,inf)",
+    "MAX_ITEM_LIST_LENGTH": 50,
+    "eval_args": {
+        "split": {"LS": "valid_and_test"},
+        "order": "TO",
+        "mode": "full",
+        "group_by": "user",
+    },
+    "metrics": ["Recall", "NDCG", "MRR"],
+    "topk": [10, 20],
+    "valid_metric": "NDCG@10",
+    "n_layers": 2,
+    "n_heads": 2,
+    "hidden_size": 64,
+    "inner_size": 256,
+    "hidden_dropout_prob": 0.5,
+    "attn_dropout_prob": 0.5,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1.0e-12,
+    "initializer_range": 0.02,
+    "loss_type": "CE",
+    "train_neg_sample_args": None,
+    "learning_rate": 0.001,
+    "epochs": 200,
+    "stopping_step": 10,
+    "eval_step": 1,
+    "reproducibility": True,
+    "device": "cpu",
+    "use_gpu": False,
+    "show_progress": False,
+    "save_dataset": False,
+    "save_dataloaders": False,
+}
+BATCH = {"ml-1m": 2048}  # RECBOLE.md: 1024 on Office, 2048 on ML-1M
+
+
+def log(msg: str) -> None:
+    print(f"[peer {datetime.now(UTC):%H:%M:%S}] {msg}", flush=True)
+
+
+def run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True)
+
+
+# --------------------------------------------------------------------------- RecBole
+
+
+def recbole_python(venv: Path) -> Path:
+    """RecBole 1.2.1's own venv (created once; a stamp marks a complete install)."""
+    py = venv / "bin" / "python"
+    stamp = venv / ".msm4sr-recbole"
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    if stamp.is_file() and stamp.read_text() == torch_pin:
+        return py
+    log(f"installing RecBole 1.2.1 into {venv} (its own venv, {torch_pin})")
+    run([sys.executable, "-m", "venv", "--clear", str(venv)])
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    run([*pip, torch_pin])
+    run([*pip, "--no-deps", "recbole==1.2.1"])
+    run([*pip, *RECBOLE_DEPS, torch_pin])
+    stamp.write_text(torch_pin)
+    return py
+
+
+def run_recbole(
+    dataset: str, atomic: Path, venv: Path, threads: int, seed: int, max_epochs: int | None
+) -> dict:
+    py = recbole_python(venv)
+    params = {
+        **RECBOLE_CONFIG,
+        "data_path": str(atomic.parent),
+        "dataset": atomic.name,
+        "checkpoint_dir": str(atomic.parent / "saved"),
+        "seed": seed,
+        "train_batch_size": BATCH.get(dataset, 1024),
+        "_threads": threads,
+        "_compile": True,
+    }
+    if max_epochs:
+        params["epochs"] = max_epochs
+    cfg_path = atomic.parent / f"{atomic.name}.recbole.json"
+    out = atomic.parent / f"{atomic.name}.recbole.out.json"
+    cfg_path.write_text(json.dumps(params))
+    log(f"{dataset}: RecBole SASRec (epochs <= {params['epochs']})")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    subprocess.run(
+        [str(py), str(REPO / "bench" / "recbole_runner.py"), str(cfg_path), str(out)],
+        check=True,
+        env=env,
+        cwd=atomic.parent,
+    )
+    res = json.loads(out.read_text())
+    res["epoch_cap"] = max_epochs
+    res["test_ndcg10"] = res["test"].get("ndcg@10")
+    res["test_recall10"] = res["test"].get("recall@10")
+    return res
+
+
+# --------------------------------------------------------------------------- ours
+
+
+def our_config(dataset: str, system: str, threads: int, seed: int) -> Config:
+    layers: list[dict] = [
+        {
+            "data": {"dataset": dataset},
+            "runtime": {"progress": False, "device": "cpu", "threads": threads},
+            "pretrain": {"seed": seed},
+            "finetune": {"seed": seed},
+        }
+    ]
+    if system == "sasrec":
+        layers.append({"model": {"arch": "sasrec"}})
+    return resolve(layers)
+
+
+def _curve(run_id: str, wh: WarehouseConfig | None) -> tuple[list[dict], dict[str, float]]:
+    """(per-epoch elapsed seconds + valid NDCG@10, test metrics of the best epoch) of a run."""
+    with store.connect(wh, create=False, read_only=True) as con:
+        rows = store.query(
+            con,
+            "SELECT epoch, split, metric, value FROM metrics WHERE run_id = ? AND subset = 'all' "
+            "AND ((split = 'train' AND metric = 'elapsed_seconds') OR split IN ('valid', 'test'))",
+            [run_id],
+        ).to_pylist()
+    per: dict[int, dict] = {}
+    test: dict[str, float] = {}
+    for r in rows:
+        if r["epoch"] == -1 and r["split"] == "test":
+            test[r["metric"]] = r["value"]
+        elif r["epoch"] > 0:
+            e = per.setdefault(r["epoch"], {"epoch": r["epoch"]})
+            if r["metric"] == "elapsed_seconds":
+                e["seconds"] = r["value"]
+            elif r["split"] == "valid" and r["metric"] == "NDCG@10":
+                e["valid_ndcg10"] = r["value"]
+    curve = [per[k] for k in sorted(per) if {"seconds", "valid_ndcg10"} <= set(per[k])]
+    return curve, test
+
+
+def run_ours(
+    dataset: str, system: str, threads: int, seed: int, wh: WarehouseConfig | None, fresh: bool
+) -> dict:
+    cfg = our_config(dataset, system, threads, seed)
+    pre_id, offset, pre_epochs = None, 0.0, 0
+    if system == "msm4sr":
+        pre_id = run_key("pretrain", dataset, seed, cfg, None)
+        log(f"{dataset}: our MSM4SR pre-training ({pre_id})")
+        train_or_reuse("pretrain", cfg, pre_id, wh, None, fresh)
+        pre_curve, _ = _curve(pre_id, wh)
+        offset = pre_curve[-1]["seconds"] if pre_curve else 0.0
+        pre_epochs = len(pre_curve)
+    ft_id = run_key("finetune", dataset, seed, cfg, pre_id)
+    log(f"{dataset}: {LABELS[system]} fine-tuning ({ft_id})")
+    train_or_reuse("finetune", cfg, ft_id, wh, pre_id, fresh)
+    curve, test = _curve(ft_id, wh)
+    for c in curve:
+        c["seconds"] += offset  # time-to-quality includes pre-training
+    best = max(curve, key=lambda c: c["valid_ndcg10"])
+    return {
+        "curve": curve,
+        "finished": True,
+        "run_ids": [r for r in (pre_id, ft_id) if r],
+        "pretrain_seconds": offset,
+        "pretrain_epochs": pre_epochs,
+        "train_seconds": curve[-1]["seconds"],
+        "best_valid_ndcg10": best["valid_ndcg10"],
+        "best_epoch": best["epoch"],
+        "test": test,
+        "test_ndcg10": test.get("NDCG@10"),
+        "test_recall10": test.get("Recall@10"),
+        "config": cfg.to_dict(),
+    }
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def first_reaching(curve: list[dict], level: float) -> float | None:
+    return next((c["seconds"] for c in curve if c["valid_ndcg10"] >= level), None)
+
+
+def compare(parts: dict[str, dict]) -> dict:
+    rb = parts.get("recbole")
+    if not rb:
+        return {}
+    level = rb["best_valid_ndcg10"]
+    rb_to_best = next(c["seconds"] for c in rb["curve"] if c["valid_ndcg10"] >= level)
+    out = {
+        "recbole_best_valid_ndcg10": level,
+        "recbole_seconds_to_best": rb_to_best,
+        "recbole_seconds_total": rb["train_seconds"],
+    }
+    for s in ("sasrec", "msm4sr"):
+        if s not in parts:
+            continue
+        t = first_reaching(parts[s]["curve"], level)
+        out[s] = {
+            "seconds_to_recbole_best_valid": t,
+            "ratio_to_recbole_time_to_best": None if t is None else t / rb_to_best,
+            "ratio_to_recbole_total_time": None if t is None else t / rb["train_seconds"],
+            "test_ndcg10_ratio": (parts[s]["test_ndcg10"] or 0) / rb["test_ndcg10"],
+        }
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = list(results["datasets"])
+    fig, axes = plt.subplots(1, len(ds), figsize=(6 * len(ds), 4), squeeze=False)
+    for ax, d in zip(axes[0], ds, strict=True):
+        for s, part in results["datasets"][d]["systems"].items():
+            xs = [c["seconds"] for c in part["curve"]]
+            ys = [c["valid_ndcg10"] for c in part["curve"]]
+            label = LABELS[s] + (
+                f" (capped at {part['epoch_cap']} epochs)" if part.get("epoch_cap") else ""
+            )
+            ax.plot(xs, ys, marker=".", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("wall seconds (training + validation), 2 CPU threads")
+        ax.set_ylabel("validation NDCG@10")
+        ax.set_title(d)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=["amazon-office", "ml-1m"])
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=2020)
+    ap.add_argument("--recbole-ml1m-epochs", type=int, default=2)
+    ap.add_argument("--venv", type=Path, default=REPO / "bench" / ".recbole-venv")
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench" / ".peer")
+    ap.add_argument("--warehouse", type=Path, default=None)
+    ap.add_argument("--fresh", action="store_true", help="redo every part (no reuse)")
+    args = ap.parse_args()
+    wh = WarehouseConfig(root=args.warehouse) if args.warehouse else None
+    PARTS.mkdir(parents=True, exist_ok=True)
+    results: dict = {
+        "machine": f"{platform.platform()}, {os.cpu_count()} cpus, {args.threads} threads",
+        "torch": torch.__version__,
+        "seed": args.seed,
+        "datasets": {},
+    }
+    for ds in args.datasets:
+        atomic = export_recbole(ds, args.workdir / "atomic", wh)
+        entry: dict = {"systems": {}}
+        for s in args.systems:
+            part_path = PARTS / f"{ds}-{s}-s{args.seed}.json"
+            if part_path.is_file() and not args.fresh:
+                log(f"{ds}: reusing {part_path.name}")
+                part = json.loads(part_path.read_text())
+            else:
+                t0 = time.perf_counter()
+                if s == "recbole":
+                    cap = args.recbole_ml1m_epochs if ds == "ml-1m" else None
+                    part = run_recbole(ds, atomic, args.venv, args.threads, args.seed, cap)
+                else:
+                    part = run_ours(ds, s, args.threads, args.seed, wh, args.fresh)
+                part["bench_seconds"] = time.perf_counter() - t0
+                part["ran_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+                part_path.write_text(json.dumps(part, indent=1))
+            entry["systems"][s] = part
+            log(
+                f"{ds}: {LABELS[s]}: best valid NDCG@10 {part['best_valid_ndcg10']:.4f} at epoch "
+                f"{part['best_epoch']}, {part['train_seconds']:.0f} s; test NDCG@10 "
+                f"{part['test_ndcg10']:.4f}, Recall@10 {part['test_recall10']:.4f}"
+                + (
+                    f" (RecBole capped at {part['epoch_cap']} epochs)"
+                    if part.get("epoch_cap")
+                    else ""
+                )
+            )
+        entry["comparison"] = compare(entry["systems"])
+        results["datasets"][ds] = entry
+        print(json.dumps({ds: entry["comparison"]}, indent=1), flush=True)
+    out = RESULTS / "peer.json"
+    out.write_text(json.dumps(results, indent=1))
+    plot(results, RESULTS / "peer.png")
+    log(f"wrote {out} and {RESULTS / 'peer.png'}")
+
+
+if __name__ == "__main__":
+    main()

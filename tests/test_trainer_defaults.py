@@ -1,0 +1,51 @@
+"""Each architecture carries its own defaults: `model.arch=sasrec` alone gives SASRec's, and
+whatever the user sets wins over them, from a YAML file, --set or a flag, in any order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flows.cli_train import build_config
+from trainer.config import ARCH_DEFAULTS, Config, defaults, resolve
+
+
+def test_sasrec_gets_its_own_defaults_from_the_arch_alone() -> None:
+    sas = build_config("finetune", "x", None, ["model.arch=sasrec"])
+    want = ARCH_DEFAULTS["sasrec"]
+    assert sas.model.arch == "sasrec"
+    for section, values in want.items():
+        for k, v in values.items():
+            assert getattr(getattr(sas, section), k) == v, (section, k)
+    m2se = build_config("finetune", "x", None, [])
+    assert m2se.model.arch == "m2se" and m2se == resolve(
+        [{"data": {"dataset": "x"}, **_runtime(m2se)}]
+    )
+    # The two really differ where the table says so (else the table would be dead).
+    assert any(
+        getattr(getattr(sas, s), k) != getattr(getattr(m2se, s), k)
+        for s, values in want.items()
+        for k in values
+    )
+
+
+def test_user_values_win_over_the_arch_defaults_in_any_order(tmp_path: Path) -> None:
+    a = build_config("finetune", "x", None, ["model.hidden_dropout=0.1", "model.arch=sasrec"])
+    b = build_config("finetune", "x", None, ["model.arch=sasrec", "model.hidden_dropout=0.1"])
+    assert a.model.hidden_dropout == b.model.hidden_dropout == 0.1
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("model: {arch: sasrec}\nfinetune: {lr: 0.005}\n")
+    c = build_config("finetune", "x", yaml, None, lr=None)
+    assert (c.model.arch, c.finetune.lr) == ("sasrec", 0.005)
+    assert c.model.hidden_dropout == defaults("sasrec").model.hidden_dropout
+    d = build_config("finetune", "x", yaml, None, lr=0.002)  # a flag beats the file
+    assert d.finetune.lr == 0.002
+
+
+def test_a_saved_config_round_trips_for_every_arch() -> None:
+    for arch in ARCH_DEFAULTS:
+        cfg = defaults(arch)
+        assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def _runtime(cfg: Config) -> dict:
+    return {"runtime": cfg.to_dict()["runtime"]}
