@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,7 @@ from pipeline.validate import validate
 ingest_app = typer.Typer(help="Load a raw dataset into the warehouse (items, interactions, item_images).", no_args_is_help=True)
 
 MinUser = Annotated[int, typer.Option(help="keep users with at least this many interactions")]
+Progress = Annotated[bool, typer.Option(help="progress bar (image downloads) on stderr")]
 AllowDeletes = Annotated[
     bool,
     typer.Option(
@@ -33,11 +35,21 @@ AllowDeletes = Annotated[
 ]
 
 
-def _run_ingest(load, min_user: int, allow_deletes: bool = False) -> IngestSummary:
+def run_ingest(
+    load: Callable[[], RawSource],
+    min_user: int,
+    progress: bool = True,
+    allow_deletes: bool = False,
+) -> IngestSummary:
+    """Read with `load`, ingest, print the report and the counts (errors: one line, exit 2)."""
     try:
         raw: RawSource = load()
         summary = ingest(
-            raw, WarehouseConfig(), pre=PreprocessConfig(min_user), allow_deletes=allow_deletes
+            raw,
+            WarehouseConfig(),
+            pre=PreprocessConfig(min_user),
+            progress=progress,
+            allow_deletes=allow_deletes,
         )
     except (SourceError, WarehouseError, ValueError) as e:
         fail(str(e))
@@ -62,10 +74,11 @@ def ingest_movielens(
     path: Annotated[Path | None, typer.Argument(help="folder with ratings.dat, movies.dat, posters/ (default: DATA/movielens-1m)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "ml-1m",
     min_user: MinUser = 5,
+    progress: Progress = True,
     allow_deletes: AllowDeletes = False,
 ) -> None:
     """MovieLens in the GroupLens layout, with optional posters/<MovieID>.jpg."""
-    _run_ingest(lambda: read_source("movielens", path, dataset), min_user, allow_deletes)
+    run_ingest(lambda: read_source("movielens", path, dataset), min_user, progress, allow_deletes)
 
 
 @ingest_app.command("amazon")
@@ -74,10 +87,11 @@ def ingest_amazon(
     meta: Annotated[Path, typer.Argument(help="meta_*.json(.gz) / meta_*.jsonl(.gz)")],
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "amazon",
     min_user: MinUser = 5,
+    progress: Progress = True,
     allow_deletes: AllowDeletes = False,
 ) -> None:
     """Amazon review data (2014, 2018 or 2023 layout); image URLs are downloaded and cached."""
-    _run_ingest(lambda: read_amazon(reviews, meta, dataset), min_user, allow_deletes)
+    run_ingest(lambda: read_amazon(reviews, meta, dataset), min_user, progress, allow_deletes)
 
 
 @ingest_app.command("generic")
@@ -97,6 +111,7 @@ def ingest_generic(
     rating_min: Annotated[float | None, typer.Option(help="ratings below are dropped")] = 0.0,
     rating_max: Annotated[float | None, typer.Option(help="ratings above are dropped")] = None,
     min_user: MinUser = 5,
+    progress: Progress = True,
     allow_deletes: AllowDeletes = False,
 ) -> None:
     """Any interactions file + items file with a column mapping."""
@@ -113,7 +128,7 @@ def ingest_generic(
         rating_min=rating_min,
         rating_max=rating_max,
     )
-    _run_ingest(lambda: read_generic(interactions, items, dataset, cols), min_user, allow_deletes)
+    run_ingest(lambda: read_generic(interactions, items, dataset, cols), min_user, progress, allow_deletes)
 
 
 @ingest_app.command("amazon-office")
@@ -121,10 +136,11 @@ def ingest_office(
     path: Annotated[Path | None, typer.Argument(help="folder with interactions.csv, items.tsv (default: DATA/amazon-office)")] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "amazon-office",
     min_user: MinUser = 5,
+    progress: Progress = True,
     allow_deletes: AllowDeletes = False,
 ) -> None:
     """The Amazon Office text-only dataset of ../shared/datasets (generic adapter preset)."""
-    _run_ingest(lambda: read_source("amazon-office", path, dataset), min_user, allow_deletes)
+    run_ingest(lambda: read_source("amazon-office", path, dataset), min_user, progress, allow_deletes)
 
 
 def sql(

@@ -126,6 +126,7 @@ def demo(
     pretrain_epochs: Annotated[int | None, typer.Option(help="override the pre-training epochs")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="override the fine-tuning epochs")] = None,
     user: Annotated[str, typer.Option(help="user to recommend for at the end")] = "1",
+    progress: Annotated[bool, typer.Option(help="progress bars on stderr")] = True,
 ) -> None:
     """The main job: features + training on MovieLens-1M with posters, then metrics and recommendations."""
     from flows.features import features_flow
@@ -140,7 +141,7 @@ def demo(
             f"there (GroupLens ml-1m; posters optional), or pass --data DIR with a movielens-1m/ folder."
         )
     console.rule("[bold]1/3 features flow: ingest -> tag -> embed")
-    fs = features_flow(source="movielens")
+    fs = features_flow(source="movielens", progress=progress)
     console.print(
         f"features: {fs['ingest']['n_items']} items, {fs['ingest']['n_interactions']} interactions, "
         f"{fs['tag']['n_tagged']} posters tagged now ({fs['tag']['n_images']} in all), "
@@ -149,7 +150,12 @@ def demo(
     console.rule("[bold]2/3 train flow: pretrain -> finetune -> evaluate")
     pe = pretrain_epochs if pretrain_epochs is not None else (None if full else DEMO_PRETRAIN_EPOCHS)
     fe = finetune_epochs if finetune_epochs is not None else (None if full else DEMO_FINETUNE_EPOCHS)
-    res = train_flow(dataset=fs["dataset"], pretrain_epochs=pe, finetune_epochs=fe)
+    res = train_flow(
+        dataset=fs["dataset"],
+        config={"runtime": {"progress": progress}},
+        pretrain_epochs=pe,
+        finetune_epochs=fe,
+    )
     console.rule("[bold]3/3 results")
     print_metrics(res["evaluate_run"])
     recs = recommend(res["finetune_run"], user, 10)
