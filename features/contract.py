@@ -259,6 +259,24 @@ METRICS = TableSpec(
     "per-epoch losses and metrics of every run",
 )
 
+RECOMMENDATIONS = TableSpec(
+    "recommendations",
+    pa.schema(
+        [
+            ("run_id", pa.string()),  # the training run whose best checkpoint scored
+            ("dataset", pa.string()),
+            ("user_id", pa.string()),
+            ("rank", pa.int32()),  # 1 = best
+            ("item_id", pa.string()),
+            ("score", pa.float32()),  # the model's score (higher is better)
+            ("snapshot_id", pa.int64()),  # warehouse snapshot of the histories and features read
+        ]
+    ),
+    ("run_id", "user_id", "rank"),
+    "top-k items per user after their whole history (msm4sr recommend); rescoring a run's users "
+    "replaces their rows",
+)
+
 TABLES: dict[str, TableSpec] = {
     t.name: t
     for t in (
@@ -273,6 +291,7 @@ TABLES: dict[str, TableSpec] = {
         DATA_REPORT,
         RUNS,
         METRICS,
+        RECOMMENDATIONS,
     )
 }
 

@@ -559,6 +559,9 @@ class Write:
     # With replace_dataset: refuse (DeleteRefused, nothing committed) when more than this share
     # of the dataset's stored rows would be deleted. None: no limit.
     max_delete_share: float | None = None
+    # Set {column: value or [values]}: make the table's rows matching it equal `rows` (stale
+    # keys deleted), e.g. {"run_id": R} for one run's recommendations.
+    replace_where: dict[str, str | list[str]] | None = None
 
 
 def write(
@@ -581,6 +584,8 @@ def write(
                     f"rows for dataset {part.replace_dataset!r} carry other dataset names: {names}"
                 )
             where = "dataset = " + _sql_literal(part.replace_dataset)
+        elif part.replace_where:
+            where = _match_sql(spec, data, part.replace_where)
         elif data.num_rows == 0:
             continue
         prepared.append((spec, data, where, part))
@@ -631,6 +636,24 @@ def replace_dataset(
 
 def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
+
+
+def _match_sql(spec: TableSpec, data: pa.Table, match: dict[str, str | list[str]]) -> str:
+    """The WHERE of a `replace_where`; every row must match it (else ValueError)."""
+    conds = []
+    for col, want in match.items():
+        if col not in spec.columns:
+            raise ValueError(f"table {spec.name!r} has no column {col!r} to replace by")
+        values = [want] if isinstance(want, str) else list(want)
+        if not values:
+            raise ValueError(f"replace_where {col!r}: no values")
+        outside = set(data[col].to_pylist()) - set(values) if data.num_rows else set()
+        if outside:
+            raise ValueError(
+                f"rows for {spec.name!r} carry {col} values outside the replaced ones: {sorted(outside)[:3]}"
+            )
+        conds.append(f"{col} IN ({', '.join(_sql_literal(str(v)) for v in values)})")
+    return " AND ".join(conds)
 
 
 def _check_unique_keys(spec: TableSpec, data: pa.Table) -> None:

@@ -179,6 +179,7 @@ def serve(
     task_runner: Annotated[str | None, typer.Option(help="features stages: local | dask (default: env MSM4SR_TASK_RUNNER at run time)")] = None,
     workers: Annotated[int | None, typer.Option(help="local Dask cluster workers of each features run")] = None,
     dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler for the features stages")] = None,
+    recommend_k: Annotated[int | None, typer.Option(help="the train flow writes every user's top-k to `recommendations`")] = None,
 ) -> None:
     """Register both flows as scheduled deployments and run them (needs `msm4sr server start`)."""
     from prefect import serve as prefect_serve
@@ -191,11 +192,14 @@ def serve(
     features_cron = sched.get("features_cron", features_cron)
     train_cron = sched.get("train_cron", train_cron)
     cluster_keys = {"task_runner", "workers", "dask_address"}
-    unknown = set(sched) - {"features_cron", "train_cron", "source", "source_file", "path", "dataset", "tag", "embed", *cluster_keys}
+    unknown = set(sched) - {"features_cron", "train_cron", "source", "source_file", "path", "dataset", "tag", "embed", "recommend_k", *cluster_keys}
     if unknown:
         fail(f"unknown keys in schedules: {sorted(unknown)}")
     source = sched.get("source", source)
     source_file = Path(sched["source_file"]) if sched.get("source_file") else source_file
+    recommend_k = sched.get("recommend_k", recommend_k)
+    if recommend_k is not None and (not isinstance(recommend_k, int) or recommend_k < 1):
+        fail(f"recommend_k={recommend_k!r} must be an integer >= 1")
     path = sched.get("path", path)
     dataset = sched.get("dataset", dataset)
     tag = sched.get("tag", tag)
@@ -221,7 +225,7 @@ def serve(
             cron=features_cron,
             parameters={"source": source, "source_file": src_file, "path": path, "dataset": dataset, "tag": tag, "embed": embed, **cluster},
         ),
-        train_flow.to_deployment(name="train", entrypoint_type=module, cron=train_cron, parameters={"dataset": spec.dataset}),
+        train_flow.to_deployment(name="train", entrypoint_type=module, cron=train_cron, parameters={"dataset": spec.dataset, "recommend_k": recommend_k}),
     )
 
 

@@ -289,24 +289,66 @@ def recommend_cmd(
     run: Annotated[
         str, typer.Option("--run", help="run id whose best checkpoint scores the items")
     ],
-    user: Annotated[str, typer.Option("--user", help="user id as in the source data")],
+    user: Annotated[
+        list[str] | None,
+        typer.Option("--user", help="user id as in the source data (repeatable)"),
+    ] = None,
+    all_users: Annotated[
+        bool, typer.Option("--all", help="every user of the run's dataset")
+    ] = False,
     k: Annotated[int, typer.Option("-k", help="number of items (>= 1)")] = 10,
     include_seen: Annotated[
         bool, typer.Option(help="also rank items the user already has")
     ] = False,
+    write: Annotated[
+        bool | None,
+        typer.Option(
+            help="write the `recommendations` table (default: with --all or several --user)"
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="users scored per batch")] = 512,
+    progress: Progress = True,
 ) -> None:
-    """Print a user's top-k items (with titles) after their whole history."""
-    from trainer.recommend import recommend
+    """Top-k items after each user's whole history: printed with titles for one user, written
+    to the `recommendations` table (the run's rows of these users replaced) for many."""
+    from trainer.recommend import recommend, recommend_users
 
     if k < 1:
         fail(f"-k {k}: the number of items to recommend must be >= 1")
-    recs = _run(lambda: recommend(run, user, k, include_seen=include_seen))
-    t = Table(title=f"top {k} for user {user} ({run})")
-    for c in ("rank", "item_id", "title", "score"):
-        t.add_column(c)
-    for i, r in enumerate(recs, 1):
-        t.add_row(str(i), r.item_id, r.title or "", f"{r.score:.4f}")
-    console.print(t)
+    if batch_size < 1:
+        fail(f"--batch-size {batch_size}: must be >= 1")
+    if all_users == bool(user):
+        fail("name the users: --user U (repeatable) or --all")
+    users = None if all_users else list(user or [])
+    if write is None:
+        write = all_users or len(users or []) > 1
+    if not write:
+        for u in users or []:
+            recs = _run(lambda u=u: recommend(run, u, k, include_seen=include_seen))
+            t = Table(title=f"top {k} for user {u} ({run})")
+            for c in ("rank", "item_id", "title", "score"):
+                t.add_column(c)
+            for i, r in enumerate(recs, 1):
+                t.add_row(str(i), r.item_id, r.title or "", f"{r.score:.4f}")
+            console.print(t)
+        return
+    s = _run(
+        lambda: recommend_users(
+            run, users, k, include_seen=include_seen, batch_size=batch_size, progress=progress
+        )
+    )
+    console.print(
+        f"recommendations of {s.run_id}: {s.n_users} users x top {s.k} = {s.n_rows} rows "
+        f"(dataset {s.dataset}, snapshot {s.snapshot_id}); scored {s.users_per_s:.0f} users/s, "
+        f"written in {s.seconds_write:.1f}s; warehouse snapshot {s.warehouse_snapshot}",
+        soft_wrap=True,
+    )
+    console.print(
+        f'query: msm4sr sql "select rank, item_id, title, score from recommended_items '
+        f"where run_id = '{s.run_id}' and user_id = '...' order by rank\"",
+        soft_wrap=True,
+        markup=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ from features import store
 from features.store import WarehouseConfig
 from trainer.config import Config
 from trainer.finished_runs import evaluate_run
+from trainer.recommend import recommend_users
 from trainer.stages import finetune, pretrain
 
 
@@ -36,6 +37,13 @@ def evaluate_task(run_id: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return {"run_id": res.run_id, "valid": res.valid, "test": res.test, "popularity": res.popularity}
 
 
+@task(name="recommend")
+def recommend_task(run_id: str, k: int) -> dict[str, Any]:
+    """Top-k of every user by the run's best checkpoint into `recommendations`; the counts."""
+    s = recommend_users(run_id, None, k, WarehouseConfig())
+    return {"n_users": s.n_users, "n_rows": s.n_rows, "users_per_s": round(s.users_per_s, 1)}
+
+
 @flow(name="msm4sr-train", log_prints=True)
 def train_flow(
     dataset: str = "ml-1m",
@@ -44,6 +52,7 @@ def train_flow(
     pretrain_epochs: int | None = None,
     finetune_epochs: int | None = None,
     skip_pretrain: bool = False,
+    recommend_k: int | None = None,
 ) -> dict[str, Any]:
     """Pre-train, fine-tune and evaluate on `dataset`'s features at `snapshot` (default: latest).
 
@@ -51,10 +60,15 @@ def train_flow(
         config: nested trainer Config fields (YAML-shaped) overriding the defaults.
         pretrain_epochs / finetune_epochs: shortcuts for config pretrain/finetune max_epochs.
         skip_pretrain: fine-tune from scratch (the "no pre-training" baseline).
+        recommend_k: after evaluation, write every user's top-k of the fine-tuned run to the
+            `recommendations` table (None: none).
     Returns:
-        {"pretrain_run", "finetune_run", "evaluate_run", "snapshot_id", "test", "popularity"}.
+        {"pretrain_run", "finetune_run", "evaluate_run", "snapshot_id", "test", "popularity"},
+        and "recommendations" (counts) with recommend_k.
     """
     log = get_run_logger()
+    if recommend_k is not None and recommend_k < 1:
+        raise ValueError(f"recommend_k={recommend_k} must be >= 1")
     cfg = Config.from_dict(config or {})
     cfg.data.dataset = dataset
     if snapshot is None:
@@ -72,4 +86,8 @@ def train_flow(
     log.info("fine-tuned: %s", ft)
     ev = evaluate_task(ft, d)
     log.info("test: %s", ev["test"].get("all", ev["test"]))
-    return {"pretrain_run": pre, "finetune_run": ft, "evaluate_run": ev["run_id"], "snapshot_id": snapshot} | ev
+    out = {"pretrain_run": pre, "finetune_run": ft, "evaluate_run": ev["run_id"], "snapshot_id": snapshot} | ev
+    if recommend_k is not None:
+        out["recommendations"] = recommend_task(ft, recommend_k)
+        log.info("recommendations: %s", out["recommendations"])
+    return out

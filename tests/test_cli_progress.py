@@ -3,6 +3,7 @@ whether a bar is drawn."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,18 @@ LONG_RUNNING = [
     ("train",),
     ("report",),
     ("demo",),
+    ("recommend",),
 ]
+
+
+@functools.cache
+def root() -> Any:
+    return typer.main.get_command(build())
 
 
 def command(path: tuple[str, ...]) -> Any:
     """The click command of `msm4sr PATH...` (typer ships its own click)."""
-    cmd = typer.main.get_command(build())
+    cmd = root()
     for name in path:
         cmd = cmd.commands[name]  # type: ignore[attr-defined]
     return cmd
