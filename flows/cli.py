@@ -22,7 +22,15 @@ app = typer.Typer(
 )
 
 # Modules that add their subcommands to `app` (each has `register(app)`).
-COMMAND_MODULES = ["flows.cli_data", "flows.cli_embed", "flows.cli_train", "flows.cli_flows", "flows.cli_tag", "flows.cli_report", "flows.cli_sources"]
+COMMAND_MODULES = [
+    "flows.cli_data",
+    "flows.cli_embed",
+    "flows.cli_train",
+    "flows.cli_flows",
+    "flows.cli_tag",
+    "flows.cli_report",
+    "flows.cli_sources",
+]
 
 
 @app.callback()

@@ -120,7 +120,9 @@ def ingest_task(
 @task(name="tag", **IO_RETRIES)
 def tag_task(dataset: str, tagger: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Tag the dataset's images whose keywords are missing for this tagger version."""
-    return asdict(tag_dataset(dataset, TaggerConfig(**tagger), WarehouseConfig(), progress=progress))
+    return asdict(
+        tag_dataset(dataset, TaggerConfig(**tagger), WarehouseConfig(), progress=progress)
+    )
 
 
 @task(name="embed")
@@ -148,15 +150,21 @@ def tag_shard_task(plan: tagging.TagPlan, shard: Shard) -> ShardResult:
 
 
 @task(name="tag-finish", cache_policy=NO_CACHE)
-def tag_finish_task(plan: tagging.TagPlan, results: list[ShardResult], error: str | None) -> dict[str, Any]:
+def tag_finish_task(
+    plan: tagging.TagPlan, results: list[ShardResult], error: str | None
+) -> dict[str, Any]:
     """Write the tag stage's run row; return its summary."""
     return asdict(tagging.tag_finish(plan, results, error))
 
 
 @task(name="embed-plan", cache_policy=NO_CACHE)
-def embed_plan_task(dataset: str, encoder: dict[str, Any], shards: int, threads: int | None) -> embedding.EmbedPlan:
+def embed_plan_task(
+    dataset: str, encoder: dict[str, Any], shards: int, threads: int | None
+) -> embedding.EmbedPlan:
     """Write the item sentences, count the missing strings and split them into shards."""
-    return embedding.embed_plan(dataset, EncoderConfig(**encoder), WarehouseConfig(), shards, threads=threads)
+    return embedding.embed_plan(
+        dataset, EncoderConfig(**encoder), WarehouseConfig(), shards, threads=threads
+    )
 
 
 @task(name="embed-shard", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -166,7 +174,9 @@ def embed_shard_task(plan: embedding.EmbedPlan, shard: Shard) -> ShardResult:
 
 
 @task(name="embed-finish", cache_policy=NO_CACHE)
-def embed_finish_task(plan: embedding.EmbedPlan, results: list[ShardResult], error: str | None) -> dict[str, Any]:
+def embed_finish_task(
+    plan: embedding.EmbedPlan, results: list[ShardResult], error: str | None
+) -> dict[str, Any]:
     """Record the encoder version and write the embed stage's run row; return its summary."""
     return asdict(embedding.embed_finish(plan, results, error))
 
@@ -261,13 +271,26 @@ def features_flow(
     s = ingest_task(source, source_file, path, dataset, progress)
     summary["ingest"] = s
     name = s["dataset"]
-    log.info("ingest: %s items, %s interactions, changed %s", s["n_items"], s["n_interactions"], s["rows_changed"])
-    given = dict(task_runner=task_runner, workers=workers, address=dask_address, shards=shards, threads=threads)
+    log.info(
+        "ingest: %s items, %s interactions, changed %s",
+        s["n_items"],
+        s["n_interactions"],
+        s["rows_changed"],
+    )
+    given = dict(
+        task_runner=task_runner,
+        workers=workers,
+        address=dask_address,
+        shards=shards,
+        threads=threads,
+    )
     cluster = ClusterConfig(**{k: v for k, v in given.items() if v is not None})
     if cluster.task_runner == "dask" and (tag or embed):
         api_url = str(get_run_context().client.api_url).rstrip("/")
         staged = cluster_stages_flow.with_options(task_runner=cluster.dask_runner(api_url))
-        summary.update(staged(name, tag, embed, tagger, encoder, cluster.shards, cluster.worker_threads()))
+        summary.update(
+            staged(name, tag, embed, tagger, encoder, cluster.shards, cluster.worker_threads())
+        )
         where = cluster.address or f"a local cluster of {cluster.workers} workers"
         summary["task_runner"] = f"dask on {where}"
     else:
@@ -277,7 +300,9 @@ def features_flow(
         if embed:
             summary["embed"] = embed_task(name, encoder or {}, progress)
     if tag:
-        log.info("tag: %s new images, %s tagged", summary["tag"]["n_new"], summary["tag"]["n_tagged"])
+        log.info(
+            "tag: %s new images, %s tagged", summary["tag"]["n_new"], summary["tag"]["n_tagged"]
+        )
     if embed:
         log.info("embed: %s", {k: v for k, v in summary["embed"].items() if k.startswith("n_")})
     with store.connect(WarehouseConfig(), create=False, read_only=True) as con:
@@ -285,7 +310,9 @@ def features_flow(
     summary["dataset"] = name
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["seconds_per_stage"] = {
-        k: round(_seconds(v.get("seconds", 0.0)), 2) for k, v in summary.items() if isinstance(v, dict)
+        k: round(_seconds(v.get("seconds", 0.0)), 2)
+        for k, v in summary.items()
+        if isinstance(v, dict)
     }
     log.info("features flow done: snapshot %s, %ss", summary["snapshot_id"], summary["seconds"])
     return summary

@@ -34,7 +34,12 @@ def finetune_task(cfg: dict[str, Any], from_run: str | None) -> str:
 def evaluate_task(run_id: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Full-ranking evaluation of the run's best checkpoint; returns test metrics."""
     res = evaluate_run(run_id, WarehouseConfig(), Config.from_dict(cfg))
-    return {"run_id": res.run_id, "valid": res.valid, "test": res.test, "popularity": res.popularity}
+    return {
+        "run_id": res.run_id,
+        "valid": res.valid,
+        "test": res.test,
+        "popularity": res.popularity,
+    }
 
 
 @task(name="recommend")
@@ -86,7 +91,12 @@ def train_flow(
     log.info("fine-tuned: %s", ft)
     ev = evaluate_task(ft, d)
     log.info("test: %s", ev["test"].get("all", ev["test"]))
-    out = {"pretrain_run": pre, "finetune_run": ft, "evaluate_run": ev["run_id"], "snapshot_id": snapshot} | ev
+    out = {
+        "pretrain_run": pre,
+        "finetune_run": ft,
+        "evaluate_run": ev["run_id"],
+        "snapshot_id": snapshot,
+    } | ev
     if recommend_k is not None:
         out["recommendations"] = recommend_task(ft, recommend_k)
         log.info("recommendations: %s", out["recommendations"])
