@@ -112,7 +112,7 @@ def _csv_records(text: str, report: Report, what: str) -> list[tuple[int, list[s
     line = 0
     for fields in reader:
         start, line = line + 1, reader.line_num
-        if not fields or (len(fields) == 1 and is_blank(fields[0]) and line == start):
+        if not fields:  # an empty line; a line of spaces is a (ragged) record
             continue
         if line > start:
             spans.append(start)

@@ -112,7 +112,7 @@ def _read_movies(file: Path, report: Report) -> tuple[pl.DataFrame, int]:
     df = drop_rows(df, number.is_null(), report, "non_numeric_movie_id", pl.col("item_id"))
     df = _first(df, report, "movie_with_negative_id", number < 0)
     out = df.select(
-        "item_id",
+        number.cast(pl.String).alias("item_id"),  # "007" is movie 7, as in ratings.dat
         pl.col("title").str.strip_chars(" \t\r"),
         pl.lit("").alias("text"),
         pl.col("genres").str.strip_chars(" \t\r").str.replace_all(r"\|", ", ").alias("categories"),
