@@ -315,6 +315,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2020)
     ap.add_argument("--recbole-ml1m-epochs", type=int, default=2)
+    ap.add_argument(
+        "--recbole-cap", type=int, default=None, help="cap RecBole's epochs on every dataset"
+    )
     ap.add_argument("--venv", type=Path, default=REPO / "bench" / ".recbole-venv")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench" / ".peer")
     ap.add_argument("--warehouse", type=Path, default=None)
@@ -340,6 +343,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if s == "recbole":
                     cap = args.recbole_ml1m_epochs if ds == "ml-1m" else None
+                    cap = args.recbole_cap or cap
                     part = run_recbole(ds, atomic, args.venv, args.threads, args.seed, cap)
                 else:
                     part = run_ours(ds, s, args.threads, args.seed, wh, args.fresh)

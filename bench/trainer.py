@@ -85,8 +85,8 @@ def speed(dataset: str, wh: WarehouseConfig, threads: int, epochs: int) -> dict:
             "epoch_seconds": round(statistics.median(secs), 2),
             "samples_per_s": round(statistics.median(rates)),
             "targets_per_epoch": int(tr.samples.n_targets),
-            "batch_size": tr.tcfg.batch,
-            "batches_per_epoch": -(-len(tr.samples) // tr.tcfg.batch),
+            "batch_size": tr.batch,
+            "batches_per_epoch": -(-tr.samples.n_targets // tr.batch),
             "eval_valid_seconds": round(eval_s, 2),
         }
         print(f"[{dataset}] {stage}: {out[stage]}", flush=True)

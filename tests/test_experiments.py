@@ -170,7 +170,7 @@ def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:
                    "Cross-domain", "unseen", "budget 'smoke'"):  # fmt: skip
         assert needle in md, needle
     assert f"{OFFICE_CUT}: 'no mixup' skipped: the dataset has no image features" in md
-    for png in (f"ndcg10_{ML_CUT}.png", f"curves_{ML_CUT}.png", f"ndcg10_{OFFICE_CUT}.png"):
+    for png in (f"ndcg10_{ML_CUT}.png", f"time_to_quality_{ML_CUT}.png", f"ndcg10_{OFFICE_CUT}.png"):
         assert (out / png).stat().st_size > 1000
     # Every number in metrics.csv is the metrics row of its run, which has a finished runs row.
     rows = list(csv.DictReader(open(out / "metrics.csv")))

@@ -25,9 +25,11 @@ from trainer.runlog import git_commit
 
 METRICS = ("NDCG@10", "NDCG@20", "Recall@10", "Recall@20")
 POPULARITY = "Popularity"
-# The report's claims (issue #6): relative gains of MSM4SR on test, mean over seeds.
+# A cold / unseen subset with fewer test cases is shown but not judged (too noisy).
+MIN_CASES = 100
+# The report's claims (issues #6, #14): relative gains of MSM4SR on test, mean over seeds.
 TARGETS = (
-    ("MSM4SR", "SASRec (ID)", "all", 0.05),
+    ("MSM4SR", "SASRec (ID)", "all", 0.15),
     ("MSM4SR", "Text-only pre-trained", "all", 0.05),
     ("MSM4SR", "SASRec (ID)", "cold", 0.20),
     ("MSM4SR inductive, 10% items held out", "SASRec (ID), 10% items held out", "unseen", 0.20),
@@ -74,6 +76,28 @@ def collect(cells: list[Cell], wh: WarehouseConfig | None) -> list[Row]:
     missing = set(runs) - {r["run_id"] for r in got}
     if missing:
         raise RuntimeError(f"no final metrics for run(s) {sorted(missing)}: did they finish?")
+    # Pre-training time counts in a fine-tuned row's training time.
+    pre_of = {c.finetune_run: c.pretrain_run for c in cells if c.pretrain_run}
+    if pre_of:
+        with store.connect(wh, create=False, read_only=True) as con:
+            pre = store.query(
+                con,
+                "SELECT run_id, value FROM metrics WHERE epoch = -1 AND split = 'train' "
+                "AND metric = 'train_seconds' AND run_id IN (SELECT unnest(?::VARCHAR[]))",
+                [sorted(set(pre_of.values()))],
+            ).to_pylist()
+        pre_secs = {r["run_id"]: r["value"] for r in pre}
+        got += [
+            {
+                "run_id": ft,
+                "split": "train",
+                "subset": "all",
+                "metric": "pretrain_seconds",
+                "value": pre_secs.get(p, 0.0),
+            }
+            for ft, p in pre_of.items()
+            if ft in runs
+        ]
     order = {c.variant.name: i for i, c in reversed(list(enumerate(cells)))}  # first appearance
     rows = [Row(*label, **r) for r in got for label in runs[r["run_id"]]]
     return sorted(rows, key=lambda r: order.get(r.model, -1))  # the matrix's row order
@@ -110,22 +134,47 @@ def _models(rows: list[Row], dataset: str, groups: Iterable[str]) -> list[str]:
     return seen
 
 
+def train_seconds(summary: dict, dataset: str, model: str) -> float | None:
+    """Mean training seconds of a row's runs (pre-training included), None for popularity."""
+    ft = summary.get((dataset, model, "train", "all", "train_seconds"))
+    if ft is None:
+        return None
+    pre = summary.get((dataset, model, "train", "all", "pretrain_seconds"))
+    return ft[0] + (pre[0] if pre else 0.0)
+
+
 def _table(
     summary: dict, dataset: str, models: list[str], subset: str, extra_n: bool = False
 ) -> list[str]:
-    head = ["model", *METRICS, "seeds"] + (["cases"] if extra_n else [])
+    head = ["model", *METRICS, "seeds", "best epoch", "train s"] + (["cases"] if extra_n else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
         vals = [summary.get((dataset, m, "test", subset, k)) for k in METRICS]
         if all(v is None for v in vals):
             continue
         n = next(v[2] for v in vals if v is not None)
-        row = [m, *(_fmt(v) for v in vals), str(n)]
+        best = summary.get((dataset, m, "train", "all", "best_epoch"))
+        secs = train_seconds(summary, dataset, m)
+        row = [
+            m,
+            *(_fmt(v) for v in vals),
+            str(n),
+            f"{best[0]:.0f}" if best else "–",
+            f"{secs:.0f}" if secs is not None else "–",
+        ]
         if extra_n:
             c = summary.get((dataset, m, "test", subset, "n_cases"))
             row.append(str(int(c[0])) if c else "0")
         out.append("| " + " | ".join(row) + " |")
     return out
+
+
+def converged(summary: dict, dataset: str, model: str) -> bool:
+    """A row's runs were trained to early stop: validation stopped improving before their last
+    epoch (a run whose last epoch is its best was cut while still learning)."""
+    best = summary.get((dataset, model, "train", "all", "best_epoch"))
+    last = summary.get((dataset, model, "train", "all", "epochs"))
+    return best is not None and last is not None and last[0] > best[0]
 
 
 def targets(summary: dict, datasets: list[str]) -> list[str]:
@@ -150,9 +199,16 @@ def targets(summary: dict, datasets: list[str]) -> list[str]:
             cases = f", {int(n[0])} test cases" if n else ""
             ok = all(g >= need for _, g, _ in gains)
             detail = ", ".join(f"{k} {t} ({g:+.1%})" for k, g, t in gains)
+            untrained = [m for m in (ours, ref) if not converged(summary, ds, m)]
+            if untrained:
+                verdict = f"not judged: {', '.join(untrained)} not trained to early stop"
+            elif subset != "all" and (not n or n[0] < MIN_CASES):
+                verdict = f"not judged: fewer than {MIN_CASES} test cases"
+            else:
+                verdict = f"**{'reached' if ok else 'NOT reached'}**"
             lines.append(
                 f"- {ds}, `{subset}` targets{cases}: {ours} vs {ref} (need >= {need:+.0%}): "
-                f"{detail}: **{'reached' if ok else 'NOT reached'}**"
+                f"{detail}: {verdict}"
             )
     return lines
 
@@ -218,35 +274,48 @@ def _plots(
             fig.savefig(out / name, dpi=110)
             plt.close(fig)
             files.append(name)
-        # Training curves: validation NDCG@10 per epoch, first seed of each main / ablation model.
-        first = {}
+        # Time to quality: validation NDCG@10 against training seconds (pre-training included),
+        # first seed of each main / ablation model.
+        first: dict[str, Cell] = {}
         for c in cells:
             if c.dataset == ds and c.variant.name in models and c.variant.name not in first:
-                first[c.variant.name] = c.finetune_run
+                first[c.variant.name] = c
+        ids = [x for c in first.values() for x in (c.finetune_run, c.pretrain_run) if x]
         with store.connect(wh, create=False, read_only=True) as con:
             curve = store.query(
                 con,
-                "SELECT run_id, epoch, value FROM metrics WHERE epoch >= 1 AND split = 'valid' "
-                "AND subset = 'all' AND metric = 'NDCG@10' AND run_id IN (SELECT unnest(?::VARCHAR[])) "
-                "ORDER BY run_id, epoch",
-                [list(first.values())],
+                "SELECT run_id, epoch, metric, value FROM metrics WHERE subset = 'all' AND "
+                "((epoch >= 1 AND split = 'valid' AND metric = 'NDCG@10') OR "
+                "(split = 'train' AND metric IN ('elapsed_seconds', 'train_seconds'))) "
+                "AND run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY run_id, epoch",
+                [ids],
             ).to_pylist()
-        by_run: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        ndcg: dict[str, dict[int, float]] = defaultdict(dict)
+        secs: dict[str, dict[int, float]] = defaultdict(dict)
         for r in curve:
-            by_run[r["run_id"]].append((r["epoch"], r["value"]))
+            if r["metric"] == "NDCG@10":
+                ndcg[r["run_id"]][r["epoch"]] = r["value"]
+            else:  # elapsed per epoch; the run's total at epoch -1
+                secs[r["run_id"]][r["epoch"]] = r["value"]
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for m, rid in first.items():
-            pts = by_run.get(rid, [])
+        for m, c in first.items():
+            offset = secs.get(c.pretrain_run or "", {}).get(-1, 0.0)
+            pts = [
+                (offset + secs[c.finetune_run][e], v)
+                for e, v in sorted(ndcg.get(c.finetune_run or "", {}).items())
+                if e in secs.get(c.finetune_run or "", {})
+            ]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        ax.set_xlabel("fine-tuning epoch")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("training seconds (pre-training + fine-tuning, validation included)")
         ax.set_ylabel("validation NDCG@10")
         ax.set_title(
-            f"{ds}: training curves (seed {min(c.seed for c in cells if c.dataset == ds)})"
+            f"{ds}: time to quality (seed {min(c.seed for c in cells if c.dataset == ds)})"
         )
         ax.legend(fontsize=7)
         fig.tight_layout()
-        name = f"curves_{ds}.png"
+        name = f"time_to_quality_{ds}.png"
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         files.append(name)
@@ -320,7 +389,10 @@ def write_report(
         f"runs behind it {train_min:.0f} min (sum of their `runs` rows)",
         f"- {budget.describe()}",
         "- Metrics: full ranking over all items, leave-one-out test split, best epoch by validation "
-        "Recall@20 (nothing is chosen on test); mean ± std over seeds.",
+        "NDCG@10 (nothing is chosen on test); mean ± std over seeds. `best epoch` (of fine-tuning) "
+        "and `train s` (training + validation seconds, pre-training included) are means over seeds.",
+        f"- Targets are judged only between rows trained to early stop, and on cold / unseen "
+        f"subsets only with >= {MIN_CASES} test cases (smaller ones are shown, not judged).",
         "- Cold: test cases whose target has <= 5 training interactions. Held-out setting: 10% of "
         "the items are removed from every training sequence; `unseen` = test cases whose target "
         "is one of them, scored inductively (SASRec cannot score an unseen item).",

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from features.runlog import new_run_id
 from features.store import WarehouseConfig
 from trainer import distributed as ddp  # DDP hooks (torchrun); identity on one process
-from trainer.config import Config, TrainConfig, merge
+from trainer.config import Config, TrainConfig, auto_batch, merge
 from trainer.data import (
     SeqDataset,
     TrainSamples,
@@ -136,6 +136,7 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"),
         )
         self.samples = self.epoch_samples(1)  # the first epoch's windows (sizes, benches)
+        self.batch = self.tcfg.batch_size or auto_batch(self.samples.n_targets)
         self.valid_cases = eval_cases(data, "valid")
         self.test_cases = eval_cases(data, "test")
         self.counts = data.train_counts()
@@ -177,6 +178,7 @@ class Trainer:
             tagger_version=self.data.tagger_version,
         )
         d["stage"] = self.stage
+        d["batch_size_used"] = self.batch
         return json.dumps(d, sort_keys=True)
 
     def data_meta(self) -> dict[str, Any]:
@@ -271,12 +273,12 @@ class Trainer:
         """(number of steps, batches) of `epoch`."""
         t = self.tcfg
         self.samples = self.epoch_samples(epoch)
-        n = len(epoch_batches(self.samples, t.batch_size, t.seed, epoch))
+        n = len(epoch_batches(self.samples, self.batch, t.seed, epoch))
         if ddp.active():  # DDP hook: this rank's share of each global batch
             return n, ddp.shard_batches(
-                self.data, self.samples, t.batch_size, t.seed, epoch, ddp.rank(), ddp.world_size()
+                self.data, self.samples, self.batch, t.seed, epoch, ddp.rank(), ddp.world_size()
             )
-        return n, iterate_batches(self.data, self.samples, t.batch_size, t.seed, epoch)
+        return n, iterate_batches(self.data, self.samples, self.batch, t.seed, epoch)
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
@@ -404,8 +406,17 @@ class Trainer:
         self.model.load_state_dict(best["model"])
         valid, test = self.evaluate("valid"), self.evaluate("test")
         pop = log_popularity(self.wh, self.run_id, self.data, self.cfg, self.counts)
+        # The run's summary as epoch -1 train rows: best epoch, epochs run, training seconds.
+        summary = {
+            "best_epoch": float(self.best_epoch),
+            "epochs": float(self.epoch),
+            "train_seconds": self.elapsed,
+        }
         self.runlog.log(
-            -1, {"valid": valid, "test": test}, status="finished", finished_at=datetime.now(UTC)
+            -1,
+            {"train": {"all": summary}, "valid": valid, "test": test},
+            status="finished",
+            finished_at=datetime.now(UTC),
         )
         return RunResult(
             self.run_id,
