@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from features import store
-from features.contract import IMAGE_MISSING, IMAGE_OK, IMAGE_UNREADABLE
+from features.contract import IMAGE_MISSING, IMAGE_OK
 from features.store import WarehouseConfig
 from pipeline.images import ImageConfig, fetch_one
 from pipeline.ingest import ingest
@@ -26,6 +26,8 @@ from tests.cli_run import ok
 from tests.helpers import http_server, jpeg_bytes, write_movielens
 from tests.ml_cut import write_ml_cut
 
+# features.contract.IMAGE_UNREADABLE, spelled out so this file also runs on an older checkout
+IMAGE_UNREADABLE = "unreadable"
 DRIP = ("drip", 200, 0.3)  # 200 bytes at one per 0.3 s: 60 s, never a read timeout
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from features.readonly_sql import ReadOnlyError, execute, open_readonly
 from features.store import WarehouseConfig
 from tests.cli_run import msm4sr, ok, one_line_error, scalar
 from tests.helpers import write_office_cut
@@ -123,6 +122,8 @@ def test_the_issues_attack_fails_with_one_line_and_changes_nothing(
 def test_every_variant_is_refused_and_changes_nothing(wh: Path, tmp_path: Path) -> None:
     """All variants in one locked-down session (each would also fail on a fresh one): a
     refused statement leaves the session as it was, so later ones meet the same locks."""
+    from features.readonly_sql import ReadOnlyError, execute, open_readonly
+
     before = fingerprint(wh)
     wcfg = WarehouseConfig(root=wh, attach=None, data_path=None)
     with open_readonly(wcfg) as con:
@@ -143,6 +144,8 @@ def test_empty_and_broken_sql_are_one_line_errors(wh: Path) -> None:
 
 
 def test_reads_still_work(wh: Path) -> None:
+    from features.readonly_sql import execute, open_readonly
+
     wcfg = WarehouseConfig(root=wh, attach=None, data_path=None)
     with open_readonly(wcfg) as con:
 
