@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warehouse", type=Path, default=None)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # epoch lines
     wh = WarehouseConfig(root=args.warehouse) if args.warehouse else None
     out = REPO / "bench" / "results" / f"tune-{args.name}.json"
     results = []

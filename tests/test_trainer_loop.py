@@ -260,3 +260,20 @@ def test_overfits_fifty_sequences(tmp_path: Path) -> None:
     for e in range(2, 61):
         last = tr.train_epoch(e)["loss"]
     assert last < 0.2 * first
+
+
+def test_a_time_budget_stops_before_the_next_epoch(wh) -> None:
+    cfg = _cfg(
+        model={"arch": "sasrec"}, finetune={"max_epochs": 5, "patience": 5, "max_seconds": 1e-3}
+    )
+    res = finetune(cfg, wh)
+    assert (res.epochs_run, res.best_epoch) == (1, 1) and res.seconds > 0
+    with store.connect(wh, create=False, read_only=True) as con:
+        got = dict(
+            con.execute(
+                "SELECT metric, value FROM metrics WHERE run_id = ? AND epoch = -1 "
+                "AND split = 'train'",
+                [res.run_id],
+            ).fetchall()
+        )
+    assert got["epochs"] == 1 and got["best_epoch"] == 1 and got["train_seconds"] > 0

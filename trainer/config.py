@@ -147,6 +147,9 @@ class TrainConfig:
     batch_size: int | None = None
     # Maximum epochs [300]: a safety cap; runs end by early stopping.
     max_epochs: int = 300
+    # Time budget: no new epoch starts once this many seconds of training + validation have
+    # passed (None = no limit). The best epoch is still chosen by validation.
+    max_seconds: float | None = None
     # Early stopping: epochs without a better validation `valid_metric` before stopping
     # (PAPER.md: 20; RecBole's SASRec: 10).
     patience: int = 10
@@ -193,6 +196,7 @@ class TrainConfig:
             "loss_block",
             "cmcl_rows",
             "window_stride",
+            "max_seconds",
         ):
             v = getattr(self, name)
             if v is not None and v <= 0:

@@ -364,7 +364,11 @@ class Trainer:
         self.runlog.write_run(status="running", finished_at=None)
         t = self.tcfg
         try:
-            while self.epoch < t.max_epochs and self.bad_epochs < t.patience:
+            while (
+                self.epoch < t.max_epochs
+                and self.bad_epochs < t.patience
+                and (t.max_seconds is None or self.elapsed < t.max_seconds)
+            ):
                 epoch = self.epoch + 1
                 t0 = time.perf_counter()
                 stats = self.train_epoch(epoch)
