@@ -143,7 +143,9 @@ BUDGETS: dict[str, Budget] = {
     # 2 cores: Office with 3 seeds for the main rows, ML-1M with 1 (its runs take ~10x longer).
     "cpu": Budget("cpu", seeds=(2020, 2021, 2022), other_seeds=1, main_seeds={"ml-1m": 1}),
     # One epoch per stage, one seed: checks that every cell runs (minutes), not a result.
-    "smoke": Budget("smoke", seeds=(2020,), other_seeds=1, stages={"max_epochs": 1}),
+    "smoke": Budget(
+        "smoke", seeds=(2020,), other_seeds=1, stages={"max_epochs": 1, "batch_size": 4096}
+    ),
     # 3 seeds everywhere: for a GPU.
     "full": Budget("full", seeds=(2020, 2021, 2022), other_seeds=3),
 }
