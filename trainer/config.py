@@ -443,7 +443,7 @@ def defaults(arch: str = "m2se") -> Config:
     """The default Config of architecture `arch`."""
     if arch not in ARCH_DEFAULTS:
         raise ValueError(f"model.arch={arch!r} is not one of {sorted(ARCH_DEFAULTS)}")
-    return merge(Config(), ARCH_DEFAULTS[arch])
+    return merge(merge(Config(), ARCH_DEFAULTS[arch]), {"model": {"arch": arch}})
 
 
 def resolve(overrides: list[dict[str, Any]]) -> Config:
