@@ -10,14 +10,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 
+from features.store import WarehouseError
 from flows.cli_common import console, err, fail, print_rows
+from flows.cli_data import AllowDeletes
+from pipeline.sources.base import SourceError
 
 if TYPE_CHECKING:
     from pipeline.sources.config import SourceSpec
 
 server_app = typer.Typer(help="A local Prefect server (scheduler + UI) for `msm4sr serve`.", no_args_is_help=True)
 
-# The demo's documented short training budget (the full budget: --full or explicit epochs).
 # The demo's training budget, in seconds of training + validation per stage (no epoch starts
 # after it; the best epoch is still chosen by validation): the whole demo stays within ~15 min on
 # 2 cores, whatever the machine's speed. --full trains to early stopping.
@@ -72,6 +74,7 @@ def features(
     shards: Annotated[int | None, typer.Option(help="shards per stage (default: one per Dask worker thread)")] = None,
     threads: Annotated[int | None, typer.Option(help="torch/ONNX Runtime threads per Dask worker")] = None,
     progress: Annotated[bool, typer.Option(help="progress bars on stderr (local stages)")] = True,
+    allow_deletes: AllowDeletes = False,
 ) -> None:
     """Run the features flow (ingest -> tag -> embed) with Prefect; print the run summary."""
     _check_source(source, source_file, str(path) if path else None, dataset)
@@ -84,16 +87,20 @@ def features(
         ClusterConfig(**{k.replace("dask_", ""): v for k, v in cluster.items() if v is not None})
     except ValueError as e:
         fail(e)
-    summary = features_flow(
-        source=source,
-        source_file=str(source_file.resolve()) if source_file else None,
-        path=str(path) if path else None,
-        dataset=dataset,
-        tag=tag,
-        embed=embed,
-        progress=progress,
-        **cluster,
-    )
+    try:  # a refused ingest (bad source, a delete it may not do) is one line, not a traceback
+        summary = features_flow(
+            source=source,
+            source_file=str(source_file.resolve()) if source_file else None,
+            path=str(path) if path else None,
+            dataset=dataset,
+            tag=tag,
+            embed=embed,
+            progress=progress,
+            allow_deletes=allow_deletes,
+            **cluster,
+        )
+    except (SourceError, WarehouseError, ValueError) as e:
+        fail(e)
     console.print_json(json.dumps(summary, default=str))
 
 

@@ -31,10 +31,20 @@ from pipeline.embedding import EncoderConfig, embed_dataset
 from pipeline.ingest import ingest
 from pipeline.preprocess import PreprocessConfig
 from pipeline.shards import Shard, ShardResult
+from pipeline.sources.base import SourceError
 from pipeline.sources.config import configured_source, read_spec
 from pipeline.tagging import TaggerConfig, tag_dataset
 
+
+def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed I/O step, but not a refusal: a bad source or a re-ingest that would delete
+    stored rows fails the same way every time (pipeline/ingest.py, features/store.py)."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, (ValueError, store.WarehouseError, SourceError))
+
+
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])
+INGEST_RETRIES = IO_RETRIES | dict(retry_condition_fn=_retry_unless_refused)
 TASK_RUNNERS = ("local", "dask")
 
 
@@ -101,19 +111,23 @@ class ClusterConfig:
         )
 
 
-@task(name="ingest", **IO_RETRIES)
+@task(name="ingest", **INGEST_RETRIES)
 def ingest_task(
     source: str | None,
     source_file: str | None,
     path: str | None,
     dataset: str | None,
     progress: bool = False,
+    allow_deletes: bool = False,
 ) -> dict[str, Any]:
     """Read the configured source (its file read now: edits apply to the next run) and mirror
-    it into the warehouse."""
+    it into the warehouse; a re-ingest that would delete stored rows is refused unless
+    `allow_deletes`."""
     spec = configured_source(source, source_file, path, dataset)
     pre = PreprocessConfig(min_user_interactions=spec.min_interactions)
-    s = ingest(read_spec(spec), WarehouseConfig(), pre=pre, progress=progress)
+    s = ingest(
+        read_spec(spec), WarehouseConfig(), pre=pre, progress=progress, allow_deletes=allow_deletes
+    )
     return {k: v for k, v in asdict(s).items() if k != "report"} | {"n_report_rows": len(s.report)}
 
 
@@ -250,6 +264,7 @@ def features_flow(
     threads: int | None = None,
     source_file: str | None = None,
     progress: bool = False,
+    allow_deletes: bool = False,
 ) -> dict[str, Any]:
     """Ingest a source, tag its images, embed its text and keywords; return the run summary.
 
@@ -264,11 +279,15 @@ def features_flow(
             the MSM4SR_* environment, else local: one process, no Dask).
         source_file: a sources YAML (pipeline/sources/config.py), read when the run starts.
         progress: progress bars on stderr (local stages).
+        allow_deletes: let this run's ingest delete more than 20% of the dataset's stored rows
+            (the input shrank on purpose). Scheduled runs keep it off; a refused run fails
+            naming what would go, and a one-off run with it on applies the change
+            (`prefect deployment run msm4sr-features/features -p allow_deletes=true`).
     """
     log = get_run_logger()
     t0 = time.perf_counter()
     summary: dict[str, Any] = {}
-    s = ingest_task(source, source_file, path, dataset, progress)
+    s = ingest_task(source, source_file, path, dataset, progress, allow_deletes)
     summary["ingest"] = s
     name = s["dataset"]
     log.info(

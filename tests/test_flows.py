@@ -4,6 +4,7 @@ real MovieLens cut, incremental reruns, a killed stage, and two flows at once.""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -124,3 +125,37 @@ def test_two_features_flows_at_once_lose_and_double_nothing(env_wh: WarehouseCon
     assert n_items == 30
     assert kw_rows == kw_keys == n_posters
     assert emb_rows == emb_keys
+
+
+def test_features_flow_refuses_a_shrinking_reingest_unless_told(harness, env_wh: WarehouseConfig, tmp_path: Path) -> None:
+    """A scheduled re-ingest from a much smaller input is refused once (no retries of a refusal),
+    through the CLI as one line; `allow_deletes` (a flow parameter, `--allow-deletes`) applies it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from features.store import DeleteRefused
+    from flows.features import features_flow
+    from tests.cli_run import msm4sr, one_line_error
+
+    src = write_ml_cut(tmp_path / "ml", range(1, 41))
+    assert features_flow(path=str(src), dataset="cut", tag=False, embed=False)["ingest"]["n_items"] == 40
+    shutil.rmtree(src)
+    write_ml_cut(src, range(1, 11))
+    state = features_flow(path=str(src), dataset="cut", tag=False, embed=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(DeleteRefused):
+        state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    assert [r.run_count for r in runs if r.name.startswith("ingest")] == [1]
+    line = one_line_error(msm4sr("features", "--path", str(src), "--dataset", "cut", "--no-tag", "--no-embed", "--no-progress"))
+    assert "--allow-deletes" in line or "allow" in line, line
+    with store.connect(env_wh, create=False, read_only=True) as con:
+        n, = con.execute("SELECT count(*) FROM items WHERE dataset = 'cut'").fetchone()
+        ingests, = con.execute("SELECT count(*) FROM pipeline_runs WHERE dataset = 'cut' AND stage = 'ingest'").fetchone()
+    assert n == 40 and ingests == 1  # nothing written by the refused runs
+
+    done = features_flow(path=str(src), dataset="cut", tag=False, embed=False, allow_deletes=True)
+    assert done["ingest"]["n_items"] == 10
