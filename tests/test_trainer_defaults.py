@@ -49,3 +49,21 @@ def test_a_saved_config_round_trips_for_every_arch() -> None:
 
 def _runtime(cfg: Config) -> dict:
     return {"runtime": cfg.to_dict()["runtime"]}
+
+
+def test_sasrec_dropout_follows_the_datas_density() -> None:
+    """SASRec's dropout is chosen when the run sees its data (the SASRec paper's rule): 0.2 when
+    the users' train sequences fill the window on average (ML-1M), 0.5 when they do not
+    (Amazon); a value the user set is kept, and M2SE's stays its own."""
+    from tests.test_trainer_data import _toy
+    from trainer.trainer import with_data_defaults
+
+    sas = defaults("sasrec")
+    assert sas.model.hidden_dropout is None  # resolved per dataset, not here
+    # toy: mean train length (7 + 2) / 2 = 4.5 items
+    dense, sparse = _toy(max_len=3), _toy(max_len=50)
+    assert (with_data_defaults(sas, dense).model.hidden_dropout, with_data_defaults(sas, dense).model.attn_dropout) == (0.2, 0.2)
+    assert (with_data_defaults(sas, sparse).model.hidden_dropout, with_data_defaults(sas, sparse).model.attn_dropout) == (0.5, 0.5)
+    mine = resolve([{"model": {"arch": "sasrec", "attn_dropout": 0.1}}])
+    assert (with_data_defaults(mine, sparse).model.hidden_dropout, with_data_defaults(mine, sparse).model.attn_dropout) == (0.5, 0.1)
+    assert with_data_defaults(defaults("m2se"), sparse).model.hidden_dropout == 0.2

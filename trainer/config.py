@@ -74,10 +74,11 @@ class M2SEConfig:
     n_heads: int = 2
     # Feed-forward inner size [256].
     inner_size: int = 256
-    # Dropout on embeddings, attention outputs and feed-forward outputs [0.2].
-    hidden_dropout: float = 0.2
-    # Dropout on attention probabilities [0.2].
-    attn_dropout: float = 0.2
+    # Dropout on embeddings, attention outputs and feed-forward outputs [0.2]; None = by the
+    # data's density (`data_dropout`, SASRec's default), resolved when a run starts.
+    hidden_dropout: float | None = 0.2
+    # Dropout on attention probabilities [0.2]; None as hidden_dropout.
+    attn_dropout: float | None = 0.2
     # LayerNorm epsilon (RecBole / the original code use 1e-12).
     layer_norm_eps: float = 1e-12
     # Std of the normal init of linear and embedding weights (RecBole: 0.02).
@@ -128,6 +129,8 @@ class M2SEConfig:
             "adaptor_dropout",
         ):
             v = getattr(self, name)
+            if v is None and name in ("hidden_dropout", "attn_dropout"):
+                continue  # by the data (data_dropout)
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name}={v} must be in [0, 1)")
 
@@ -164,12 +167,14 @@ class TrainConfig:
     tau: float = 0.07
     # How train sequences become samples (trainer/data.py): "windows" = windows of max_len
     # items that predict their last `window_stride` positions, cut points re-drawn every epoch
-    # (every target once per epoch, with >= max_len - window_stride + 1 items of context);
-    # "every_prefix" = one target per window (the paper's samples, window_stride 1);
-    # "all_positions" = fixed non-overlapping windows (window_stride max_len).
+    # (every target once per epoch, with >= max_len - window_stride + 1 items of context, and
+    # a different context every epoch); "every_prefix" = one target per window (the paper's
+    # samples, window_stride 1); "all_positions" = fixed non-overlapping windows (stride max_len).
     sample_mode: str = "windows"
-    # Targets per window in "windows" mode (1..max_len).
-    window_stride: int = 10
+    # Targets per window in "windows" mode (1..max_len) [50: one pass per max_len targets; on
+    # ML-1M 2.8x cheaper epochs than 10 at the same validation NDCG@10 per epoch; a history
+    # shorter than max_len + 1 is one window whatever the stride].
+    window_stride: int = 50
     # Pre-training only: weight lambda of CMCL [0.01].
     cmcl_weight: float = 0.01
     # Pre-training only: CMCL on/off (ablation "CMCL off").
@@ -428,12 +433,24 @@ def config_from_json(text: str) -> Config:
     return Config.from_dict(json.loads(text))
 
 
+# The SASRec paper's dropout (Kang & McAuley 2018, section 4.3): 0.2 on MovieLens-1M "due to
+# its density", 0.5 on the sparse datasets. Measured here on ML-1M (validation NDCG@10 after 2
+# epochs: 0.092 at 0.2, 0.075 at 0.5) and on Office (docs/trainer.md).
+DENSE_DROPOUT, SPARSE_DROPOUT = 0.2, 0.5
+
+
+def data_dropout(mean_train_length: float, max_len: int) -> float:
+    """Dropout by density: users' train sequences fill the model's window on average (dense,
+    ML-1M: 163 items for a window of 50) or not (sparse, Amazon Office: 9)."""
+    return DENSE_DROPOUT if mean_train_length >= max_len else SPARSE_DROPOUT
+
+
 # Each architecture's own defaults, applied over the dataclass defaults (which are M2SE's);
 # docs/trainer.md gives the measurements behind them.
 ARCH_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "m2se": {},
     "sasrec": {
-        "model": {"hidden_dropout": 0.5, "attn_dropout": 0.5},
+        "model": {"hidden_dropout": None, "attn_dropout": None},  # data_dropout
         "finetune": {"lr": 1e-3, "weight_decay": 0.0},
     },
 }

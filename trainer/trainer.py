@@ -20,13 +20,14 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from features.runlog import new_run_id
 from features.store import WarehouseConfig
 from trainer import distributed as ddp  # DDP hooks (torchrun); identity on one process
-from trainer.config import Config, TrainConfig, auto_batch, merge
+from trainer.config import Config, TrainConfig, auto_batch, data_dropout, merge
 from trainer.data import (
     SeqDataset,
     TrainSamples,
@@ -80,6 +81,28 @@ def without_empty_modality(cfg: Config, data: SeqDataset) -> Config:
     return merge(cfg, {"model": {"modalities": "text"}})
 
 
+def with_data_defaults(cfg: Config, data: SeqDataset) -> Config:
+    """The settings that depend on the data, resolved for a run: a dataset without images trains
+    a text model (`without_empty_modality`); dropout None is `data_dropout` of the users' mean
+    train length. The run's stored config holds the resolved values."""
+    cfg = without_empty_modality(cfg, data)
+    m = cfg.model
+    if m.hidden_dropout is None or m.attn_dropout is None:
+        mean_train = float(np.maximum(data.lengths - 2, 0).mean()) if data.n_users else 0.0
+        p = data_dropout(mean_train, data.max_len)
+        log.info("%s: mean train sequence %.1f items -> dropout %s", data.dataset, mean_train, p)
+        cfg = merge(
+            cfg,
+            {
+                "model": {
+                    "hidden_dropout": p if m.hidden_dropout is None else m.hidden_dropout,
+                    "attn_dropout": p if m.attn_dropout is None else m.attn_dropout,
+                }
+            },
+        )
+    return cfg
+
+
 def model_name(cfg: Config, stage: str) -> str:
     """The true name of a run's model, as every table shows it: "SASRec", "M2SE (text+image)",
     "M2SE (text), transductive"..."""
@@ -108,7 +131,7 @@ class Trainer:
     ) -> None:
         if stage not in STAGES:
             raise ValueError(f"{stage=} is not one of {STAGES}")
-        cfg = without_empty_modality(cfg, data)
+        cfg = with_data_defaults(cfg, data)
         self.cfg, self.data, self.stage, self.wh = cfg, data, stage, wh
         self.tcfg: TrainConfig = cfg.pretrain if stage == "pretrain" else cfg.finetune
         ddp.setup(cfg.runtime.device)  # DDP hook: join torchrun's group (no-op without it)
