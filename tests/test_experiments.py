@@ -136,6 +136,10 @@ def test_run_ids_follow_the_configuration() -> None:
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, c, None)
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, a, "parent")
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 2, a, None)
+    # Fine-tuning settings cannot change a pre-training run: variants share it.
+    assert run_key("pretrain", "x", 1, a, None) == run_key("pretrain", "x", 1, c, None)
+    p = Config.from_dict({"data": {"dataset": "x"}, "pretrain": {"lr": 0.5}})
+    assert run_key("pretrain", "x", 1, a, None) != run_key("pretrain", "x", 1, p, None)
 
 
 def test_plan_runs_every_row_once_before_the_further_seeds() -> None:

@@ -182,8 +182,13 @@ def _strip(cfg: Config) -> dict[str, Any]:
 
 
 def run_key(kind: str, dataset: str, seed: int, cfg: Config, parent: str | None) -> str:
-    """Deterministic run id: same configuration + parent -> same id (reuse / resume)."""
-    blob = json.dumps({"kind": kind, "cfg": _strip(cfg), "parent": parent}, sort_keys=True)
+    """Deterministic run id: same configuration + parent -> same id (reuse / resume). A
+    pre-training run's id leaves out the fine-tuning section, which cannot change it: runs that
+    differ only in fine-tuning share their pre-training."""
+    d = _strip(cfg)
+    if kind == "pretrain":
+        d.pop("finetune")
+    blob = json.dumps({"kind": kind, "cfg": d, "parent": parent}, sort_keys=True)
     h = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return f"x-{kind[:3]}-{dataset}-s{seed}-{h}"
 
