@@ -30,12 +30,12 @@ Sets = Annotated[
     list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
 ]
 BatchSize = Annotated[
-    int | None, typer.Option(help="sequences per batch (default: 1024 prefixes / 256 windows)")
+    int | None, typer.Option(help="targets per step (default: by the data, 256 on Office .. 2048 on ML-1M)")
 ]
 Lr = Annotated[float | None, typer.Option(help="Adam learning rate")]
 Seed = Annotated[int | None, typer.Option(help="random seed (PAPER.md: 2020)")]
 SampleMode = Annotated[
-    str | None, typer.Option(help="all_positions (fast) | every_prefix (the paper's)")
+    str | None, typer.Option(help="windows (default: stride finetune.window_stride) | every_prefix (the paper's) | all_positions")
 ]
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads (0: default)")]

@@ -144,9 +144,9 @@ class TrainConfig:
     # Adam weight decay (L2, as RecBole's Adam) [0 pre-training, 1e-3 fine-tuning].
     weight_decay: float = 0.0
     # Targets (predicted next items) per optimizer step, in every sample mode: windows are
-    # grouped until their targets reach it. None = by the dataset (`auto_batch`): 256 on a
-    # small dataset (Amazon Office: 150 steps an epoch), up to 2048 on a large one (ML-1M, as
-    # RecBole's SASRec there), where many small steps cost more than they give.
+    # grouped until their targets reach it. None = by the dataset and model (`auto_batch`):
+    # 256 on a small dataset (Amazon Office: 150 steps an epoch), up to 2048 for SASRec on a
+    # large one (ML-1M, as RecBole there) and 8192 for M2SE (its steps pay for every item).
     batch_size: int | None = None
     # Maximum epochs [300]: a safety cap; runs end by early stopping.
     max_epochs: int = 300
@@ -208,11 +208,18 @@ class TrainConfig:
                 raise ValueError(f"{name}={v} must be > 0")
 
 
-def auto_batch(n_targets: int) -> int:
-    """The default batch of a dataset with `n_targets` train targets per epoch: the power of two
-    nearest to n_targets / 512, within [256, 2048] (Office 38.5k -> 256, ML-1M 988k -> 2048)."""
-    want = max(1, n_targets) / 512
-    return int(min(2048, max(256, 2 ** round(math.log2(want)))))
+def auto_batch(n_targets: int, arch: str = "sasrec") -> int:
+    """The default batch of a dataset with `n_targets` train targets per epoch.
+
+    SASRec: the power of two nearest to n_targets / 512, within [256, 2048] (Office 38.5k ->
+    256, ML-1M 982k -> 2048). M2SE computes every item's adapted features at each fine-tuning
+    step (pooling + MoE over all items, both modalities): on ML-1M that costs ~3x the sequence
+    side of a 2048-target step, so it takes fewer, larger steps: nearest to n_targets / 128,
+    within [256, 8192] (Office -> 256, ML-1M -> 8192; an ML-1M fine-tuning epoch 2.3x cheaper
+    than at 2048, docs/trainer.md)."""
+    steps, cap = (128, 8192) if arch == "m2se" else (512, 2048)
+    want = max(1, n_targets) / steps
+    return int(min(cap, max(256, 2 ** round(math.log2(want)))))
 
 
 def pretrain_defaults() -> TrainConfig:

@@ -159,7 +159,7 @@ class Trainer:
             fused=self.device.type in ("cpu", "cuda"),
         )
         self.samples = self.epoch_samples(1)  # the first epoch's windows (sizes, benches)
-        self.batch = self.tcfg.batch_size or auto_batch(self.samples.n_targets)
+        self.batch = self.tcfg.batch_size or auto_batch(self.samples.n_targets, cfg.model.arch)
         self.valid_cases = eval_cases(data, "valid")
         self.test_cases = eval_cases(data, "test")
         self.counts = data.train_counts()
