@@ -6,6 +6,7 @@ thin layer over pipeline/, trainer/ and the Prefect flows.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from pathlib import Path
@@ -49,7 +50,10 @@ def _global(
         os.environ["MSM4SR_DATA"] = str(data.resolve())
 
 
+@functools.cache
 def build() -> typer.Typer:
+    """`app` with every module's commands, registered once per process (a second registration
+    would add every command again: the test suite invokes the CLI hundreds of times)."""
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app)
     return app
