@@ -215,8 +215,8 @@ def auto_batch(n_targets: int, arch: str = "sasrec") -> int:
     256, ML-1M 982k -> 2048). M2SE computes every item's adapted features at each fine-tuning
     step (pooling + MoE over all items, both modalities): on ML-1M that costs ~3x the sequence
     side of a 2048-target step, so it takes fewer, larger steps: nearest to n_targets / 128,
-    within [256, 8192] (Office -> 256, ML-1M -> 8192; an ML-1M fine-tuning epoch 2.3x cheaper
-    than at 2048, docs/trainer.md)."""
+    within [256, 8192] (Office -> 256, ML-1M -> 8192; an ML-1M fine-tuning epoch more than 2x
+    cheaper than at 2048, docs/trainer.md)."""
     steps, cap = (128, 8192) if arch == "m2se" else (512, 2048)
     want = max(1, n_targets) / steps
     return int(min(cap, max(256, 2 ** round(math.log2(want)))))
