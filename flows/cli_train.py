@@ -30,7 +30,7 @@ Sets = Annotated[
     list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
 ]
 BatchSize = Annotated[
-    int | None, typer.Option(help="targets per step (default: by the data, 256 on Office .. 2048 on ML-1M)")
+    int | None, typer.Option(help="targets per step (default: by the data and model, 256 on Office; on ML-1M 2048 for SASRec, 8192 for M2SE)")
 ]
 Lr = Annotated[float | None, typer.Option(help="Adam learning rate")]
 Seed = Annotated[int | None, typer.Option(help="random seed (PAPER.md: 2020)")]
