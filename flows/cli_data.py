@@ -13,11 +13,11 @@ from features import store
 from features.readonly_sql import ReadOnlyError, run_query
 from features.store import WarehouseConfig, WarehouseError
 from flows.cli_common import console, err, fail, print_rows
-from pipeline.ingest import IngestSummary, ingest
+from pipeline.ingest import REFUSALS, IngestSummary, ingest
 from pipeline.preprocess import PreprocessConfig
 from pipeline.sources import read_source
 from pipeline.sources.amazon import read_amazon
-from pipeline.sources.base import RawSource, SourceError
+from pipeline.sources.base import RawSource
 from pipeline.sources.generic import ColumnMap, read_generic
 from pipeline.validate import validate
 
@@ -51,7 +51,7 @@ def run_ingest(
             progress=progress,
             allow_deletes=allow_deletes,
         )
-    except (SourceError, WarehouseError, ValueError) as e:
+    except REFUSALS as e:
         fail(str(e))
     if summary.report:
         print_rows(

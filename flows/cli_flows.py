@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 
-from features.store import WarehouseError
 from flows.cli_common import console, err, fail, print_rows
 from flows.cli_data import AllowDeletes
-from pipeline.sources.base import SourceError
+from pipeline.ingest import REFUSALS
 
 if TYPE_CHECKING:
     from pipeline.sources.config import SourceSpec
@@ -99,7 +98,7 @@ def features(
             allow_deletes=allow_deletes,
             **cluster,
         )
-    except (SourceError, WarehouseError, ValueError) as e:
+    except REFUSALS as e:
         fail(e)
     console.print_json(json.dumps(summary, default=str))
 

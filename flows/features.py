@@ -28,10 +28,9 @@ from features import store
 from features.store import WarehouseConfig
 from pipeline import embedding, tagging
 from pipeline.embedding import EncoderConfig, embed_dataset
-from pipeline.ingest import ingest
+from pipeline.ingest import REFUSALS, ingest
 from pipeline.preprocess import PreprocessConfig
 from pipeline.shards import Shard, ShardResult
-from pipeline.sources.base import SourceError
 from pipeline.sources.config import configured_source, read_spec
 from pipeline.tagging import TaggerConfig, tag_dataset
 
@@ -39,8 +38,7 @@ from pipeline.tagging import TaggerConfig, tag_dataset
 def _retry_unless_refused(task: Any, task_run: Any, state: Any) -> bool:
     """Retry a failed I/O step, but not a refusal: a bad source or a re-ingest that would delete
     stored rows fails the same way every time (pipeline/ingest.py, features/store.py)."""
-    exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, (ValueError, store.WarehouseError, SourceError))
+    return not isinstance(state.result(raise_on_failure=False), REFUSALS)
 
 
 IO_RETRIES = dict(retries=2, retry_delay_seconds=[2, 10])

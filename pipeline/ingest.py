@@ -30,7 +30,7 @@ from features.store import DeletePlan, DeleteRefused, WarehouseConfig, Write
 from pipeline.images import ImageConfig, ImageResult, fetch_all
 from pipeline.paths import image_cache_dir
 from pipeline.preprocess import PreprocessConfig, preprocess
-from pipeline.sources.base import RawSource, Report, printable
+from pipeline.sources.base import RawSource, Report, SourceError, printable
 
 # Default of `ingest(max_delete_share=...)`: more than this share of a dataset's stored rows of
 # a table going needs allow_deletes.
@@ -40,6 +40,11 @@ DELETE_HINT = "Pass --allow-deletes to replace the dataset anyway."
 
 class IngestRefused(ValueError):
     """The input would empty or shrink a dataset without being told to; nothing was written."""
+
+
+# What an ingest raises when it refuses its input (a bad source, an empty input, a delete it may
+# not do, a bad value): the same every time, so a one-line error and never a retry.
+REFUSALS: tuple[type[Exception], ...] = (SourceError, store.WarehouseError, ValueError)
 
 
 @dataclass

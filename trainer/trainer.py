@@ -86,20 +86,12 @@ def with_data_defaults(cfg: Config, data: SeqDataset) -> Config:
     a text model (`without_empty_modality`); dropout None is `data_dropout` of the users' mean
     train length. The run's stored config holds the resolved values."""
     cfg = without_empty_modality(cfg, data)
-    m = cfg.model
-    if m.hidden_dropout is None or m.attn_dropout is None:
+    unset = [k for k in ("hidden_dropout", "attn_dropout") if getattr(cfg.model, k) is None]
+    if unset:
         mean_train = float(np.maximum(data.lengths - 2, 0).mean()) if data.n_users else 0.0
         p = data_dropout(mean_train, data.max_len)
         log.info("%s: mean train sequence %.1f items -> dropout %s", data.dataset, mean_train, p)
-        cfg = merge(
-            cfg,
-            {
-                "model": {
-                    "hidden_dropout": p if m.hidden_dropout is None else m.hidden_dropout,
-                    "attn_dropout": p if m.attn_dropout is None else m.attn_dropout,
-                }
-            },
-        )
+        cfg = merge(cfg, {"model": dict.fromkeys(unset, p)})
     return cfg
 
 
