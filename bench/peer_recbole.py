@@ -12,7 +12,8 @@ the same number of threads:
    history items kept, torch.compile). On ML-1M it is capped at `--recbole-ml1m-epochs` (2):
    an epoch takes ~21 min on 2 cores; the JSON and the printout say so;
 3. our SASRec (`msm4sr finetune --set model.arch=sasrec`, nothing else) and our MSM4SR
-   (`msm4sr train`, nothing else): the trainer's defaults.
+   (`msm4sr train`, nothing else): the trainer's defaults, as the report's cells "SASRec (ID)"
+   and "MSM4SR" of seed `--seed` (the same run ids: the report reuses these runs).
 
 Prints and writes bench/results/peer.json and bench/results/peer.png: validation NDCG@10
 against wall seconds (training + validation) for each system, the test metrics of each one's
@@ -48,8 +49,15 @@ import torch  # noqa: E402
 from features import store  # noqa: E402
 from features.store import WarehouseConfig  # noqa: E402
 from pipeline.sources.recbole import export_recbole  # noqa: E402
-from trainer.config import Config, resolve  # noqa: E402
-from trainer.experiments import run_key, train_or_reuse  # noqa: E402
+from trainer.config import Config  # noqa: E402
+from trainer.experiments import (  # noqa: E402
+    BUDGETS,
+    feature_versions,
+    run_key,
+    stage_configs,
+    train_or_reuse,
+    variants,
+)
 
 RESULTS = REPO / "bench" / "results"
 PARTS = RESULTS / "peer.parts"
@@ -178,18 +186,16 @@ def run_recbole(
 # --------------------------------------------------------------------------- ours
 
 
-def our_config(dataset: str, system: str, threads: int, seed: int) -> Config:
-    layers: list[dict] = [
-        {
-            "data": {"dataset": dataset},
-            "runtime": {"progress": False, "device": "cpu", "threads": threads},
-            "pretrain": {"seed": seed},
-            "finetune": {"seed": seed},
-        }
-    ]
-    if system == "sasrec":
-        layers.append({"model": {"arch": "sasrec"}})
-    return resolve(layers)
+def our_configs(
+    dataset: str, system: str, threads: int, seed: int, wh: WarehouseConfig | None
+) -> tuple[Config | None, Config]:
+    """(pre-training config or None, fine-tuning config) of our system: exactly the report's
+    cells "SASRec (ID)" and "MSM4SR" (budget cpu), so both share their runs (same ids)."""
+    name = {"sasrec": "SASRec (ID)", "msm4sr": "MSM4SR"}[system]
+    variant = next(v for v in variants(None) if v.name == name)
+    base = [{"runtime": {"progress": False, "device": "cpu", "threads": threads}}]
+    versions = feature_versions(dataset, wh)
+    return stage_configs(base, BUDGETS["cpu"], dataset, variant, seed, versions)
 
 
 def _curve(run_id: str, wh: WarehouseConfig | None) -> tuple[list[dict], dict[str, float]]:
@@ -219,12 +225,12 @@ def _curve(run_id: str, wh: WarehouseConfig | None) -> tuple[list[dict], dict[st
 def run_ours(
     dataset: str, system: str, threads: int, seed: int, wh: WarehouseConfig | None, fresh: bool
 ) -> dict:
-    cfg = our_config(dataset, system, threads, seed)
+    pre_cfg, cfg = our_configs(dataset, system, threads, seed, wh)
     pre_id, offset, pre_epochs = None, 0.0, 0
-    if system == "msm4sr":
-        pre_id = run_key("pretrain", dataset, seed, cfg, None)
+    if pre_cfg is not None:
+        pre_id = run_key("pretrain", dataset, seed, pre_cfg, None)
         log(f"{dataset}: our MSM4SR pre-training ({pre_id})")
-        train_or_reuse("pretrain", cfg, pre_id, wh, None, fresh)
+        train_or_reuse("pretrain", pre_cfg, pre_id, wh, None, fresh)
         pre_curve, _ = _curve(pre_id, wh)
         offset = pre_curve[-1]["seconds"] if pre_curve else 0.0
         pre_epochs = len(pre_curve)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from features import store
 from tests.trainer_fixtures import ML_CUT, OFFICE_CUT, warehouse_copy
-from trainer.config import Config, merge
+from trainer.config import Config, batch_lr, merge
 from trainer.finished_runs import evaluate_run
 from trainer.recommend import recommend
 from trainer.stages import finetune, pretrain
@@ -277,3 +277,24 @@ def test_a_time_budget_stops_before_the_next_epoch(wh) -> None:
             ).fetchall()
         )
     assert got["epochs"] == 1 and got["best_epoch"] == 1 and got["train_seconds"] > 0
+
+
+def test_finetune_keeps_the_pretrained_shape_and_takes_its_own_regularisation(wh, trained) -> None:
+    """Fine-tuning from a pre-training run: the network's shape comes from that run, dropouts
+    and the ID embedding's init from the fine-tuning config (they change no weight's shape)."""
+    cfg, pre, _ = trained
+    ft_cfg = _cfg(
+        model={"hidden_size": 32, "n_heads": 2, "hidden_dropout": 0.35, "id_init_std": 0.5},
+        finetune={"max_epochs": 1},
+    )
+    ft = finetune(ft_cfg, wh, from_run=pre.run_id)
+    with store.connect(wh, create=False, read_only=True) as con:
+        row = store.query(con, "SELECT config FROM runs WHERE run_id = ?", [ft.run_id]).to_pylist()
+    model = json.loads(row[0]["config"])["model"]
+    assert model["hidden_size"] == cfg.model.hidden_size != 32
+    assert (model["hidden_dropout"], model["id_init_std"]) == (0.35, 0.5)
+    # lr None (M2SE's default) is resolved by the batch, and the stored config holds the value.
+    assert ft_cfg.finetune.lr is None
+    assert json.loads(row[0]["config"])["finetune"]["lr"] == batch_lr(ft_cfg.finetune.batch_size)
+    pt = torch.load(ft.checkpoint_dir / "best.pt", weights_only=False)
+    assert pt["model"]["item_embedding.weight"].shape[1] == cfg.model.hidden_size

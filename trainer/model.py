@@ -219,7 +219,8 @@ class M2SE(nn.Module):
     def add_item_embedding(self) -> None:
         """Transductive fine-tuning: a trainable item-ID embedding (row 0 = padding)."""
         emb = nn.Embedding(self.n_items + 1, self.cfg.hidden_size, padding_idx=0)
-        nn.init.normal_(emb.weight, std=self.cfg.initializer_range)
+        std = self.cfg.id_init_std
+        nn.init.normal_(emb.weight, std=self.cfg.initializer_range if std is None else std)
         with torch.no_grad():
             emb.weight[0].zero_()
         self.item_embedding = emb.to(self.position.weight.device)

@@ -10,7 +10,7 @@ from typing import Any
 from features import store
 from features.store import WarehouseConfig
 from trainer import distributed as ddp  # DDP hooks (torchrun); identity on one process
-from trainer.config import Config
+from trainer.config import ARCHITECTURE_FIELDS, Config
 from trainer.data import (
     SeqDataset,
     load_dataset,
@@ -110,15 +110,19 @@ def finetune(
             log.warning(
                 "fine-tuning from %s, a %s run (not a pre-training run)", from_run, parent["stage"]
             )
-        # Architecture from the pre-trained run; data defaults to the same snapshot and vectors.
-        pcfg = Config.from_dict(parent["config"])
+        # Architecture from the pre-trained run (dropouts and the ID embedding's init from this
+        # config); data defaults to the same snapshot and vectors.
+        pmodel = Config.from_dict(parent["config"]).to_dict()["model"]
         pdata = parent["data"]
         d = cfg.data
         same = d.dataset == pdata["dataset"]
         cfg = Config.from_dict(
             {
                 **cfg.to_dict(),
-                "model": pcfg.to_dict()["model"],
+                "model": {
+                    **cfg.to_dict()["model"],
+                    **{k: pmodel[k] for k in ARCHITECTURE_FIELDS},
+                },
                 "data": {
                     **cfg.to_dict()["data"],
                     "encoder_version": d.encoder_version or pdata["encoder_version"],

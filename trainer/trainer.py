@@ -27,7 +27,7 @@ from tqdm import tqdm
 from features.runlog import new_run_id
 from features.store import WarehouseConfig
 from trainer import distributed as ddp  # DDP hooks (torchrun); identity on one process
-from trainer.config import Config, TrainConfig, auto_batch, data_dropout, merge
+from trainer.config import Config, TrainConfig, auto_batch, batch_lr, data_dropout, merge
 from trainer.data import (
     SeqDataset,
     TrainSamples,
@@ -142,6 +142,13 @@ class Trainer:
         self.train_model = ddp.wrap(
             self.model, self.device
         )  # DDP hook: the model itself on one process
+        self.samples = self.epoch_samples(1)  # the first epoch's windows (sizes, benches)
+        self.batch = self.tcfg.batch_size or auto_batch(
+            self.samples.n_targets, cfg.model.arch, stage
+        )
+        if self.tcfg.lr is None:  # by the batch; the run's stored config holds the value
+            self.cfg = merge(cfg, {stage: {"lr": batch_lr(self.batch)}})
+            self.tcfg = getattr(self.cfg, stage)
         # Fused Adam: one kernel for all parameters (5x faster steps than the per-tensor loop
         # on CPU, measured with this model's parameter shapes).
         self.opt = torch.optim.Adam(
@@ -150,8 +157,6 @@ class Trainer:
             weight_decay=self.tcfg.weight_decay,
             fused=self.device.type in ("cpu", "cuda"),
         )
-        self.samples = self.epoch_samples(1)  # the first epoch's windows (sizes, benches)
-        self.batch = self.tcfg.batch_size or auto_batch(self.samples.n_targets, cfg.model.arch)
         self.valid_cases = eval_cases(data, "valid")
         self.test_cases = eval_cases(data, "test")
         self.counts = data.train_counts()
