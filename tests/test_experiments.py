@@ -204,11 +204,30 @@ def test_report_rows_train_with_their_architectures_defaults_to_early_stop() -> 
     rows = {v.name: v for v in variants(None)}
     b = BUDGETS["cpu"]
     user = [{"finetune": {"patience": 7}}]  # the user's --set reaches every row
-    _, sas = stage_configs(user, b, "office", rows["SASRec (ID)"], 1, {})
-    pre, ours = stage_configs(user, b, "office", rows["MSM4SR"], 1, {})
+    imgs = {"encoder_version": "e", "tagger_version": "t"}
+    _, sas = stage_configs(user, b, "office", rows["SASRec (ID)"], 1, imgs)
+    pre, ours = stage_configs(user, b, "office", rows["MSM4SR"], 1, imgs)
     want_sas, want_m2se = defaults("sasrec"), defaults("m2se")
     assert sas.model == want_sas.model and sas.finetune.lr == want_sas.finetune.lr
     assert ours.model == want_m2se.model and pre is not None
     assert sas.finetune.max_epochs == want_sas.finetune.max_epochs  # no per-arch cap
     assert sas.finetune.patience == ours.finetune.patience == 7
     assert len(b.seeds_for("ml-1m", True)) == 1 and len(b.seeds_for("amazon-office", True)) == 3
+
+
+def test_without_images_msm4sr_and_the_text_only_row_are_one_run() -> None:
+    from trainer.experiments import run_key, stage_configs, variants
+
+    rows = {v.name: v for v in variants(None)}
+    b = BUDGETS["cpu"]
+
+    def ids(name: str, versions: dict) -> tuple[str, str]:
+        pre, ft = stage_configs([], b, "office", rows[name], 1, versions)
+        assert pre is not None
+        p = run_key("pretrain", "office", 1, pre, None)
+        return p, run_key("finetune", "office", 1, ft, p)
+
+    no_img = {"encoder_version": "e", "tagger_version": None}
+    assert ids("MSM4SR", no_img) == ids("Text-only pre-trained", no_img)
+    imgs = {"encoder_version": "e", "tagger_version": "t"}
+    assert ids("MSM4SR", imgs) != ids("Text-only pre-trained", imgs)

@@ -222,11 +222,17 @@ def stage_configs(
     versions: dict,
 ) -> tuple[Config | None, Config]:
     """(pre-training config or None, fine-tuning config) of one cell: the defaults of the
-    cell's architecture <- the user's base layers <- the budget <- the variant."""
+    cell's architecture <- the user's base layers <- the budget <- the variant.
+
+    On a dataset without image features every cell says `modalities: text` (what its run
+    trains, `without_empty_modality`), so "MSM4SR" and "Text-only pre-trained" are one run there,
+    trained once."""
     stage = {**budget.stages, "seed": seed}
+    text_only = {"model": {"modalities": "text"}} if versions.get("tagger_version") is None else {}
     common = _deep(
         {"data": {"dataset": dataset, **versions}},
         {"pretrain": dict(stage), "finetune": dict(stage)},
+        text_only,
         variant.common,
     )
     ft = resolve([*base, _deep(common, variant.finetune)])
