@@ -30,9 +30,9 @@ Sets = Annotated[
     list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
 ]
 BatchSize = Annotated[
-    int | None, typer.Option(help="targets per step (default: by the data and model, 256 on Office; on ML-1M 2048 for SASRec, 8192 for M2SE)")
+    int | None, typer.Option(help="targets per step (default: by the data and model, 256 on Office; 2048 on ML-1M; M2SE pre-training 8192 there)")
 ]
-Lr = Annotated[float | None, typer.Option(help="Adam learning rate")]
+Lr = Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3; M2SE fine-tuning: by the batch, 2e-3 at 2048)")]
 Seed = Annotated[int | None, typer.Option(help="random seed (PAPER.md: 2020)")]
 SampleMode = Annotated[
     str | None, typer.Option(help="windows (default: stride finetune.window_stride) | every_prefix (the paper's) | all_positions")
