@@ -125,7 +125,6 @@ class Trainer:
             raise ValueError(f"{stage=} is not one of {STAGES}")
         cfg = with_data_defaults(cfg, data)
         self.cfg, self.data, self.stage, self.wh = cfg, data, stage, wh
-        self.tcfg: TrainConfig = cfg.pretrain if stage == "pretrain" else cfg.finetune
         ddp.setup(cfg.runtime.device)  # DDP hook: join torchrun's group (no-op without it)
         self.run_id = ddp.broadcast_object(run_id or new_run_id(stage, data.dataset))  # rank 0's
         self.parent_run_id = parent_run_id
@@ -148,7 +147,6 @@ class Trainer:
         )
         if self.tcfg.lr is None:  # by the batch; the run's stored config holds the value
             self.cfg = merge(cfg, {stage: {"lr": batch_lr(self.batch)}})
-            self.tcfg = getattr(self.cfg, stage)
         # Fused Adam: one kernel for all parameters (5x faster steps than the per-tensor loop
         # on CPU, measured with this model's parameter shapes).
         self.opt = torch.optim.Adam(
@@ -186,6 +184,11 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ bookkeeping
+
+    @property
+    def tcfg(self) -> TrainConfig:
+        """This stage's section of the run's (resolved) config."""
+        return getattr(self.cfg, self.stage)
 
     def model_name(self) -> str:
         return model_name(self.cfg, self.stage)
