@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from trainer.config import M2SEConfig
 from trainer.data import FeatureStack
+from trainer.layers import Dropout, TransformerLayer
 from trainer.objectives import cmcl_loss, full_softmax_loss, nip_loss
 
 MODS = ("text", "image")
@@ -94,6 +95,12 @@ class AttentionPooling(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [N, S, d], mask: [N, S] -> pooled [N, d] (zeros where no slot is valid), weights [N, S]."""
+        if x.shape[1] == 1:
+            # One slot (e.g. one poster per item): the softmax over it is 1 wherever it is valid,
+            # whatever the pooler's weights, so pooling is the identity (exact, and the pooler
+            # gets no gradient either way); skipping it also spares the adaptor's input gradient.
+            w = mask.to(x.dtype)
+            return x[:, 0] * w, w
         energy = self.score(self.act(self.proj(x))).squeeze(-1)  # [N, S]
         energy = energy.float().masked_fill(~mask, float("-inf"))
         has_any = mask.any(-1, keepdim=True)
@@ -112,7 +119,7 @@ class MoEAdaptor(nn.Module):
         super().__init__()
         self.n_experts, self.hidden, self.eps = n_experts, hidden, eps
         self.experts = nn.Linear(dim, n_experts * hidden)  # the experts' Linear(d, h), side by side
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.ln_weight = nn.Parameter(torch.ones(n_experts, hidden))
         self.ln_bias = nn.Parameter(torch.zeros(n_experts, hidden))
         self.gate = nn.Parameter(
@@ -133,34 +140,6 @@ class MoEAdaptor(nn.Module):
 
 
 # --------------------------------------------------------------------------- sequence side
-
-
-class TransformerLayer(nn.Module):
-    """Post-LN layer as RecBole's: self-attention + residual + LN, GELU FFN + residual + LN."""
-
-    def __init__(self, cfg: M2SEConfig) -> None:
-        super().__init__()
-        H = cfg.hidden_size
-        self.n_heads, self.attn_p = cfg.n_heads, cfg.attn_dropout
-        self.qkv = nn.Linear(H, 3 * H)
-        self.out = nn.Linear(H, H)
-        self.ln1 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
-        self.ff1 = nn.Linear(H, cfg.inner_size)
-        self.ff2 = nn.Linear(cfg.inner_size, H)
-        self.ln2 = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, H = x.shape
-        q, k, v = (
-            self.qkv(x).view(B, L, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
-        )  # 3 x [B, nh, L, hd]
-        a = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.attn_p if self.training else 0.0
-        )
-        a = a.transpose(1, 2).reshape(B, L, H)
-        x = self.ln1(x + self.drop(self.out(a)))
-        return self.ln2(x + self.drop(self.ff2(F.gelu(self.ff1(x)))))
 
 
 @dataclass
@@ -200,7 +179,7 @@ class M2SE(nn.Module):
         )
         self.position = nn.Embedding(max_len, H)
         self.ln = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.drop = Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.n_layers)])
         self.item_embedding: nn.Embedding | None = None
         self._init_sequence_weights()

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from trainer.config import M2SEConfig
-from trainer.model import LossOutput, TransformerLayer
+from trainer.layers import Dropout, TransformerLayer
+from trainer.model import LossOutput
 from trainer.objectives import chunked_cross_entropy
 
 TABLE = "id"  # the one "modality" of the tables dict
@@ -31,7 +32,7 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(n_items + 1, H, padding_idx=0)
         self.position = nn.Embedding(max_len, H)
         self.ln = nn.LayerNorm(H, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.drop = Dropout(cfg.hidden_dropout)
         self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.n_layers)])
         for sub in self.modules():
             if isinstance(sub, (nn.Linear, nn.Embedding)):
