@@ -279,6 +279,17 @@ def test_a_time_budget_stops_before_the_next_epoch(wh) -> None:
     assert got["epochs"] == 1 and got["best_epoch"] == 1 and got["train_seconds"] > 0
 
 
+def test_the_time_budget_starts_an_epoch_only_if_it_should_end_within_it(wh) -> None:
+    from trainer.data import load_dataset
+    from trainer.trainer import Trainer
+
+    cfg = _cfg(model={"arch": "sasrec"})
+    tr = Trainer(cfg, load_dataset(cfg.data, wh), "finetune", wh)
+    assert tr._epoch_fits(1e-9) and tr._epoch_fits(None)  # the first epoch always runs
+    tr.epoch, tr.elapsed = 2, 10.0  # 5 s an epoch so far: the third would end at 15 s
+    assert tr._epoch_fits(15.0) and not tr._epoch_fits(14.9)
+
+
 def test_finetune_keeps_the_pretrained_shape_and_takes_its_own_regularisation(wh, trained) -> None:
     """Fine-tuning from a pre-training run: the network's shape comes from that run, dropouts
     and the ID embedding's init from the fine-tuning config (they change no weight's shape)."""

@@ -169,8 +169,9 @@ class TrainConfig:
     batch_size: int | None = None
     # Maximum epochs [300]: a safety cap; runs end by early stopping.
     max_epochs: int = 300
-    # Time budget: no new epoch starts once this many seconds of training + validation have
-    # passed (None = no limit). The best epoch is still chosen by validation.
+    # Time budget in seconds of training + validation (None = no limit): an epoch starts only
+    # if, at the mean epoch time so far, it ends within the budget (the first always runs). The
+    # best epoch is still chosen by validation.
     max_seconds: float | None = None
     # Early stopping: epochs without a better validation `valid_metric` before stopping
     # (PAPER.md: 20; RecBole's SASRec: 10).

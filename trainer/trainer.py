@@ -379,6 +379,13 @@ class Trainer:
             )
         )
 
+    def _epoch_fits(self, max_seconds: float | None) -> bool:
+        """The time budget: an epoch starts only if, at the mean epoch time so far, it ends
+        within `max_seconds` of training + validation; the first epoch always runs."""
+        if max_seconds is None or self.epoch == 0:
+            return True
+        return self.elapsed * (self.epoch + 1) / self.epoch <= max_seconds
+
     def fit(self, resume: bool = False) -> RunResult:
         """Train to early stop / max epochs, then evaluate the best epoch. `resume`: from last.pt."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -390,7 +397,7 @@ class Trainer:
             while (
                 self.epoch < t.max_epochs
                 and self.bad_epochs < t.patience
-                and (t.max_seconds is None or self.elapsed < t.max_seconds)
+                and self._epoch_fits(t.max_seconds)
             ):
                 epoch = self.epoch + 1
                 t0 = time.perf_counter()
