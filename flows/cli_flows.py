@@ -23,7 +23,7 @@ server_app = typer.Typer(help="A local Prefect server (scheduler + UI) for `msm4
 # after it; the best epoch is still chosen by validation): the whole demo stays within ~15 min on
 # 2 cores, whatever the machine's speed. --full trains to early stopping.
 DEMO_PRETRAIN_SECONDS = 120
-DEMO_FINETUNE_SECONDS = 420
+DEMO_FINETUNE_SECONDS = 630
 
 
 def _load_yaml(path: Path | None) -> dict[str, Any]:
