@@ -24,6 +24,8 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -254,6 +256,21 @@ def _resize(a: np.ndarray, w: int, h: int) -> np.ndarray:
     return cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Undo ultralytics' process-wide `torch.set_num_threads(min(8, cpu_count - 1))` (its
+    `select_device`, run at each predictor set-up): on 2 cores it left torch ONE thread, so a
+    training run later in the same process (`msm4sr demo`) ran its epochs ~1.3x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def _onnx_metadata(path: Path) -> dict[str, str]:
     import onnx
 
@@ -288,7 +305,8 @@ class UltralyticsModel:
             meta = _onnx_metadata(ref.path)
             task = meta.get("task")
         try:
-            self.yolo = YOLO(str(ref.path or ref.spec), task=task)
+            with torch_threads_kept():
+                self.yolo = YOLO(str(ref.path or ref.spec), task=task)
         except Exception as e:
             raise RuntimeError(f"ultralytics cannot load model {ref.spec!r}: {e}") from e
         self.task: str = self.yolo.task
@@ -317,9 +335,10 @@ class UltralyticsModel:
         import torch
 
         zeros = torch.zeros(batch_size, 3, self.imgsz, self.imgsz)
-        self.yolo.predict(
-            zeros[:1], imgsz=self.imgsz, conf=self.det_conf, device=self.device, verbose=False
-        )
+        with torch_threads_kept():
+            self.yolo.predict(
+                zeros[:1], imgsz=self.imgsz, conf=self.det_conf, device=self.device, verbose=False
+            )
         self._tune_onnxruntime(self.threads)
         self._ready = True
         self.predict([np.zeros((3, self.imgsz, self.imgsz), np.float32)] * batch_size)
@@ -402,9 +421,10 @@ class UltralyticsModel:
         x = torch.from_numpy(np.stack(batch))  # (B, 3, S, S) float32 in [0, 1]
         if self.task == "classify":
             return [self._top(p) for p in self._class_probs(x)]
-        results = self.yolo.predict(
-            x, imgsz=self.imgsz, conf=self.det_conf, device=self.device, verbose=False
-        )
+        with torch_threads_kept():
+            results = self.yolo.predict(
+                x, imgsz=self.imgsz, conf=self.det_conf, device=self.device, verbose=False
+            )
         out: list[list[tuple[str, float]]] = []
         for r in results:
             if r.probs is not None:

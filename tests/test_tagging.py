@@ -385,6 +385,24 @@ def test_detector_checkpoint_by_path_merges_with_classifier(models_dir: Path) ->
     assert named.version != t.version
 
 
+def test_tagging_leaves_torch_its_threads(models_dir: Path) -> None:
+    """ultralytics sets torch's threads process-wide (min(8, cpu_count - 1)) when it sets up a
+    predictor; the tagger puts them back, so training later in the same process keeps its cores."""
+    import torch
+    from ultralytics.utils import NUM_THREADS
+
+    before = torch.get_num_threads()
+    want = NUM_THREADS + 1  # anything but ultralytics' own choice
+    torch.set_num_threads(want)
+    try:
+        t = tagging.Tagger(cfg(models_dir, models=[CLASSIFIER, tm.FALL_DETECTOR], det_imgsz=320))
+        (row,) = t.tag_paths([ZIDANE])
+        assert row["status"] == "tagged"
+        assert torch.get_num_threads() == want
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_classifier_of_an_older_recipe_is_rebuilt(models_dir: Path, tmp_path: Path) -> None:
     import onnx
 
