@@ -249,7 +249,11 @@ def wrap(model: nn.Module, device: torch.device) -> Any:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return _Proxy(DistributedDataParallel(_LossCall(model), device_ids=ids))
+    # find_unused_parameters: a modality whose items have one slot skips its pooler (pooling is
+    # the identity there, trainer/model.py), so that pooler takes no part in the loss.
+    return _Proxy(
+        DistributedDataParallel(_LossCall(model), device_ids=ids, find_unused_parameters=True)
+    )
 
 
 def reduce_step(out: Any) -> tuple[Any, torch.Tensor]:
