@@ -31,7 +31,7 @@ from trainer import layers  # noqa: E402
 from trainer.config import resolve  # noqa: E402
 from trainer.data import iterate_batches, train_samples  # noqa: E402
 from trainer.stages import data_for  # noqa: E402
-from trainer.trainer import build_model, with_data_defaults  # noqa: E402
+from trainer.trainer import build_model, stage_loss, with_data_defaults  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], object], n: int) -> float:
@@ -65,13 +65,7 @@ def step_fns(dataset: str, batch: int) -> dict[str, Callable[[], object]]:
         b = next(iter(iterate_batches(data, samples, batch, 2020, 1)))
 
         def step(model=model, opt=opt, b=b, tcfg=tcfg, stage=stage, feats=data.features) -> None:
-            if stage == "finetune":
-                out = model.finetune_loss(feats, b.inputs, b.targets, tcfg.tau, tcfg.loss_block)
-            else:
-                out = model.pretrain_loss(
-                    feats, b.inputs, b.targets, tcfg.tau, tcfg.cmcl_weight, tcfg.cmcl,
-                    tcfg.cmcl_rows, tcfg.loss_block, tcfg.nip_image,
-                )
+            out = stage_loss(model, feats, b, stage, tcfg)
             opt.zero_grad()
             out.loss.backward()
             opt.step()

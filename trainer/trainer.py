@@ -29,6 +29,7 @@ from features.store import WarehouseConfig
 from trainer import distributed as ddp  # DDP hooks (torchrun); identity on one process
 from trainer.config import Config, TrainConfig, auto_batch, batch_lr, data_dropout, merge
 from trainer.data import (
+    Batch,
     SeqDataset,
     TrainSamples,
     epoch_batches,
@@ -37,7 +38,7 @@ from trainer.data import (
     train_samples,
 )
 from trainer.evaluation import evaluate_cases, log_popularity
-from trainer.model import M2SE, MODS
+from trainer.model import M2SE, MODS, LossOutput
 from trainer.runlog import (
     Metrics,
     RunError,
@@ -57,6 +58,24 @@ Model = M2SE | SASRec
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune")
+
+
+def stage_loss(model: Any, feats: Any, batch: Batch, stage: str, t: TrainConfig) -> LossOutput:
+    """One batch's training loss in `stage`, with that stage's settings `t` (`model`: the model
+    or its DDP proxy)."""
+    if stage == "pretrain":
+        return model.pretrain_loss(
+            feats,
+            batch.inputs,
+            batch.targets,
+            t.tau,
+            t.cmcl_weight,
+            t.cmcl,
+            t.cmcl_rows,
+            t.loss_block,
+            t.nip_image,
+        )
+    return model.finetune_loss(feats, batch.inputs, batch.targets, t.tau, t.loss_block)
 
 
 def build_model(cfg: Config, data: SeqDataset, stage: str) -> Model:
@@ -324,22 +343,7 @@ class Trainer:
         for batch in bar:
             batch = batch.to(self.device)
             with autocast(self.device, self.cfg.runtime.amp):
-                if self.stage == "pretrain":
-                    out = self.train_model.pretrain_loss(
-                        self.feats,
-                        batch.inputs,
-                        batch.targets,
-                        t.tau,
-                        t.cmcl_weight,
-                        t.cmcl,
-                        t.cmcl_rows,
-                        t.loss_block,
-                        t.nip_image,
-                    )
-                else:
-                    out = self.train_model.finetune_loss(
-                        self.feats, batch.inputs, batch.targets, t.tau, t.loss_block
-                    )
+                out = stage_loss(self.train_model, self.feats, batch, self.stage, t)
             # DDP hook: `out` becomes the global batch's terms; this rank's loss is weighted.
             out, backward_loss = ddp.reduce_step(out)
             if not torch.isfinite(out.loss):
