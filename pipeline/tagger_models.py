@@ -257,13 +257,17 @@ def _resize(a: np.ndarray, w: int, h: int) -> np.ndarray:
 
 
 @contextmanager
-def torch_threads_kept() -> Iterator[None]:
-    """Undo ultralytics' process-wide `torch.set_num_threads(min(8, cpu_count - 1))` (its
-    `select_device`, run at each predictor set-up): on 2 cores it left torch ONE thread, so a
-    training run later in the same process (`msm4sr demo`) ran its epochs ~1.3x slower."""
+def torch_threads_kept(threads: int | None = None) -> Iterator[None]:
+    """torch runs with `threads` intra-op threads inside the block (None: as it is) and with the
+    process's own count again after it. It also undoes ultralytics' process-wide
+    `torch.set_num_threads(min(8, cpu_count - 1))` (its `select_device`, run at each predictor
+    set-up): on 2 cores that left torch ONE thread, so a training run later in the same process
+    (`msm4sr demo`) ran its epochs ~1.3x slower."""
     import torch
 
     n = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:

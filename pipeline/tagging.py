@@ -331,10 +331,6 @@ class Tagger:
         self.cfg = cfg
         cpu = cfg.device.lower().startswith("cpu")
         self.batch_size: int = cfg.batch_size or (4 if cpu else 64)
-        if cfg.threads:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
         self.models: list[tm.ImageModel] = []
         self.renames: list[dict[str, str]] = []
         for spec in cfg.models:
@@ -378,8 +374,9 @@ class Tagger:
 
     def warm_up(self) -> None:
         """Open every model's backend and run one batch (start-up, not streaming, time)."""
-        for m in self.models:
-            m.warm_up(self.batch_size)
+        with tm.torch_threads_kept(self.cfg.threads):  # the tagger's threads, not the process's
+            for m in self.models:
+                m.warm_up(self.batch_size)
 
     # ---- decode threads
     def prepare(self, sha256: str | None, path: str | None) -> Prepared:
@@ -402,7 +399,8 @@ class Tagger:
         """Run every model on a batch of prepared images; one keyword row per image."""
         assert all(it.inputs is not None for it in items)
         inputs = [it.inputs or [] for it in items]
-        per_model = [self._predict(k, [x[k] for x in inputs]) for k in range(len(self.models))]
+        with tm.torch_threads_kept(self.cfg.threads):
+            per_model = [self._predict(k, [x[k] for x in inputs]) for k in range(len(self.models))]
         rows = []
         for i, it in enumerate(items):
             labels: list[Label] = []

@@ -399,6 +399,15 @@ def test_tagging_leaves_torch_its_threads(models_dir: Path) -> None:
         (row,) = t.tag_paths([ZIDANE])
         assert row["status"] == "tagged"
         assert torch.get_num_threads() == want
+        # tag.threads is the tagger's own count, inside its model calls only.
+        seen: list[int] = []
+        t = tagging.Tagger(cfg(models_dir, models=[CLASSIFIER], threads=1))
+        assert torch.get_num_threads() == want
+        predict = t.models[0].predict
+        t.models[0].predict = lambda b: (seen.append(torch.get_num_threads()), predict(b))[1]
+        (row,) = t.tag_paths([ZIDANE])
+        assert row["status"] == "tagged" and seen and set(seen) == {1}
+        assert torch.get_num_threads() == want
     finally:
         torch.set_num_threads(before)
 
