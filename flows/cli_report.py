@@ -32,6 +32,12 @@ def report(
         str | None,
         typer.Option(help="comma-separated groups: main,ablation,cold-start,cross-domain"),
     ] = None,
+    rows: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--row", help='only this row (repeatable), e.g. --row MSM4SR --row "SASRec (ID)"'
+        ),
+    ] = None,
     fresh: Annotated[
         bool, typer.Option(help="retrain every cell instead of reusing finished runs")
     ] = False,
@@ -48,7 +54,7 @@ def report(
     from dataclasses import replace
 
     from trainer.config import load_yaml, parse_override, resolve
-    from trainer.experiments import BUDGETS, GROUPS, run_matrix
+    from trainer.experiments import BUDGETS, GROUPS, run_matrix, variants
     from trainer.report import write_report
 
     if budget not in BUDGETS:
@@ -69,6 +75,10 @@ def report(
     ds = [d.strip() for d in datasets.split(",") if d.strip()]
     if not ds:
         fail("--datasets is empty")
+    names = [v.name for d in ds for v in variants(next((o for o in ds if o != d), None))]
+    unknown = [r for r in rows or [] if r not in names]
+    if unknown:
+        fail(f"--row {unknown} not in {list(dict.fromkeys(names))}")
     try:
         base = [load_yaml(config)] if config is not None else []
         base += [parse_override(item) for item in sets or []]
@@ -86,7 +96,9 @@ def report(
     console.print(b.describe())
     t0 = time.perf_counter()
     try:
-        cells, notes = run_matrix(ds, b, base=base, only=groups, fresh=fresh, on_cell=on_cell)
+        cells, notes = run_matrix(
+            ds, b, base=base, only=groups, rows=rows, fresh=fresh, on_cell=on_cell
+        )
     except (ValueError, RuntimeError) as e:
         fail(e)
     command = "msm4sr " + shlex.join(sys.argv[1:])

@@ -156,6 +156,11 @@ def test_plan_runs_every_row_once_before_the_further_seeds() -> None:
         "MSM4SR pre-trained on b",
         "MSM4SR pre-trained on a",
     ]
+    picked = plan(["a", "b"], BUDGETS["cpu"], rows=["MSM4SR", "no mixup"])
+    assert {v.name for _, v, _ in picked} == {"MSM4SR", "no mixup"}
+    assert [(d, s) for d, v, s in picked if v.name == "MSM4SR"] == [
+        (d, s) for d, v, s in cells if v.name == "MSM4SR"
+    ]
 
 
 def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:

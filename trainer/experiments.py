@@ -271,16 +271,21 @@ def train_or_reuse(
 
 
 def plan(
-    datasets: list[str], budget: Budget, only: Iterable[str] | None = None
+    datasets: list[str],
+    budget: Budget,
+    only: Iterable[str] | None = None,
+    rows: Iterable[str] | None = None,
 ) -> list[tuple[str, Variant, int]]:
-    """Every (dataset, variant, seed) of the matrix: the first seed of every row first, then the
-    further seeds of the main rows (an interrupted matrix still has every row once)."""
+    """Every (dataset, variant, seed) of the matrix (of the groups `only` and rows `rows`, when
+    given): the first seed of every row first, then the further seeds of the main rows (an
+    interrupted matrix still has every row once)."""
     only = set(only) if only else None
+    names = set(rows) if rows else None
     cells = []
     for ds in datasets:
         other = next((d for d in datasets if d != ds), None)
         for v in variants(other):
-            if only and v.group not in only:
+            if (only and v.group not in only) or (names and v.name not in names):
                 continue
             for s in budget.seeds_for(ds, v.main_seeds):
                 cells.append((ds, v, s))
@@ -294,6 +299,7 @@ def run_matrix(
     wh: WarehouseConfig | None = None,
     base: list[dict[str, Any]] | None = None,
     only: Iterable[str] | None = None,
+    rows: Iterable[str] | None = None,
     fresh: bool = False,
     on_cell: Callable[[int, int, Cell], None] | None = None,
 ) -> tuple[list[Cell], list[str]]:
@@ -302,7 +308,7 @@ def run_matrix(
     versions = {ds: feature_versions(ds, wh) for ds in datasets}
     notes = []
     cells: list[Cell] = []
-    todo = plan(datasets, budget, only)
+    todo = plan(datasets, budget, only, rows)
     for i, (ds, v, seed) in enumerate(todo):
         if v.needs_images and versions[ds]["tagger_version"] is None:
             note = f"{ds}: '{v.name}' skipped: the dataset has no image features"
