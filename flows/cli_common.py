@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import NoReturn
 
@@ -30,3 +31,22 @@ def print_rows(columns: list[str], rows: list[tuple], title: str | None = None) 
     for r in rows:
         t.add_row(*["" if v is None else str(v) for v in r])
     console.print(t)
+
+
+def epoch_lines() -> None:
+    """Without progress bars, the trainer's one line per epoch (loss, validation metric, best,
+    seconds) and its notes go to stderr, so a scheduled or logged run shows how it goes."""
+    lg = logging.getLogger("trainer")
+    if not any(isinstance(h, _Stderr) for h in lg.handlers):
+        lg.addHandler(_Stderr())
+    lg.setLevel(logging.INFO)
+
+
+class _Stderr(logging.Handler):
+    """Each record as its message on the current sys.stderr (looked up at every line)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(record.getMessage(), file=sys.stderr, flush=True)
+        except Exception:
+            self.handleError(record)

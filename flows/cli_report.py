@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import console, fail
+from flows.cli_common import console, epoch_lines, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -86,6 +86,8 @@ def report(
     except (ValueError, OSError) as e:
         fail(e)
     base.append({"runtime": {"progress": progress}})
+    if not progress:
+        epoch_lines()
 
     def on_cell(i: int, n: int, c) -> None:  # noqa: ANN001
         how = "reused" if c.reused else f"trained in {c.seconds / 60:.1f} min"

@@ -13,7 +13,7 @@ import typer
 import yaml
 from rich.table import Table
 
-from flows.cli_common import console, fail
+from flows.cli_common import console, epoch_lines, fail
 
 if TYPE_CHECKING:
     from trainer.config import Config
@@ -32,7 +32,7 @@ Sets = Annotated[
 BatchSize = Annotated[
     int | None, typer.Option(help="targets per step (default: by the data and model, 256 on Office; 2048 on ML-1M; M2SE pre-training 8192 there)")
 ]
-Lr = Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3; M2SE fine-tuning: by the batch, 2e-3 at 2048)")]
+Lr = Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3; SASRec 2e-3; M2SE fine-tuning: by the batch, 4e-3 at 2048)")]
 Seed = Annotated[int | None, typer.Option(help="random seed (PAPER.md: 2020)")]
 SampleMode = Annotated[
     str | None, typer.Option(help="windows (default: stride finetune.window_stride) | every_prefix (the paper's) | all_positions")
@@ -87,6 +87,8 @@ def build_config(
         over["model"] = {"modalities": modalities}
     for section, values in (extra or {}).items():
         over.setdefault(section, {}).update(values)
+    if not progress:
+        epoch_lines()
     return resolve([*layers, over])
 
 

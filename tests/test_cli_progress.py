@@ -67,3 +67,17 @@ def test_the_switch_decides_whether_a_bar_is_drawn(
     loud = runner.invoke(app, ["ingest", "movielens", str(src), "--dataset", "b", "--progress"])
     assert loud.exit_code == 0, loud.output
     assert "images: 100%" in loud.output and "images:" not in quiet.output
+
+
+def test_without_bars_training_prints_a_line_per_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.trainer_fixtures import OFFICE_CUT, warehouse_copy
+
+    wh = warehouse_copy(tmp_path / "wh")
+    monkeypatch.setenv("MSM4SR_WAREHOUSE", str(wh.root))
+    args = ["finetune", "--dataset", OFFICE_CUT, "--set", "model.arch=sasrec", "--max-epochs", "2"]
+    res = CliRunner().invoke(build(), [*args, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if " epoch " in ln and "valid NDCG@10" in ln]
+    assert [ln.split(" epoch ")[1].split(":")[0] for ln in lines] == ["1", "2"], res.output

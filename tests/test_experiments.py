@@ -173,6 +173,7 @@ def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:
     ]  # fmt: skip
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert " epoch 1: loss " in first.stderr  # --no-progress: one line per epoch instead
     out = tmp_path / "reports" / "t"
     md = (out / "report.md").read_text()
     for needle in ("## Targets", f"## {ML_CUT}", f"## {OFFICE_CUT}", "SASRec (ID)", "no NIP-image",
