@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 import yaml
 
-from flows.cli_common import console, err, fail, print_rows
+from flows.cli_common import console, epoch_lines, err, fail, print_rows
 from flows.cli_data import AllowDeletes
 from pipeline.ingest import REFUSALS
 
@@ -158,6 +158,8 @@ def demo(
         f"{fs['embed']['n_encoded']} strings encoded now; snapshot {fs['snapshot_id']}; {fs['seconds']}s"
     )
     console.rule("[bold]2/3 train flow: pretrain -> finetune -> evaluate")
+    if not progress:
+        epoch_lines()
     budget = {} if full else {
         "pretrain": {"max_seconds": DEMO_PRETRAIN_SECONDS},
         "finetune": {"max_seconds": DEMO_FINETUNE_SECONDS},
