@@ -109,9 +109,13 @@ def print_result(res: RunResult) -> None:
 
     if not is_main():  # under torchrun, rank 0 alone prints
         return
+    trained = (
+        f"the checkpoint of epoch {res.best_epoch}"
+        if res.kind == "evaluate"
+        else f"best epoch {res.best_epoch} of {res.epochs_run}"
+    )
     console.print(
-        f"[bold]{res.run_id}[/] ({res.kind}, {res.model}): best epoch {res.best_epoch} of "
-        f"{res.epochs_run}"
+        f"[bold]{res.run_id}[/] ({res.kind}, {res.model}): {trained}"
         + (f", {res.seconds:.0f} s of training" if res.seconds else "")
         + f", checkpoint {res.checkpoint_dir}",
         soft_wrap=True,

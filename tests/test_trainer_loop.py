@@ -95,6 +95,7 @@ def test_evaluate_reproduces_the_final_metrics_and_recommend_prints_titles(wh, t
     _, _, ft = trained
     ev = evaluate_run(ft.run_id, wh)
     assert ev.test["all"] == pytest.approx(ft.test["all"])
+    assert (ev.best_epoch, ev.best_valid) == (ft.best_epoch, pytest.approx(ft.best_valid))
     assert ev.popularity["test"]["all"]["NDCG@10"] == pytest.approx(
         ft.popularity["test"]["all"]["NDCG@10"]
     )

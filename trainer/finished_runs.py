@@ -30,6 +30,7 @@ class Loaded:
     data: SeqDataset
     model: Model
     device: torch.device
+    epoch: int  # the epoch of the best checkpoint
 
 
 def load_run(run_id: str, wh: WarehouseConfig | None = None, cfg: Config | None = None) -> Loaded:
@@ -46,7 +47,7 @@ def load_run(run_id: str, wh: WarehouseConfig | None = None, cfg: Config | None 
     model = build_model(rcfg, data, best["stage"]).to(device)
     model.load_state_dict(best["model"])
     model.eval()
-    return Loaded(rcfg, best["stage"], data, model, device)
+    return Loaded(rcfg, best["stage"], data, model, device, int(best.get("epoch", -1)))
 
 
 def evaluate_run(
@@ -94,9 +95,11 @@ def evaluate_run(
         eval_id,
         "evaluate",
         checkpoint_root(ld.cfg, wh) / run_id,
-        -1,
-        float("nan"),
-        0,
+        ld.epoch,
+        res["valid"]["all"][
+            ld.cfg.finetune.valid_metric if ld.stage == "finetune" else ld.cfg.pretrain.valid_metric
+        ],
+        0,  # an evaluation trains no epochs
         res["valid"],
         res["test"],
         pop,
