@@ -54,7 +54,7 @@ def report(
     from dataclasses import replace
 
     from trainer.config import load_yaml, parse_override, resolve
-    from trainer.experiments import BUDGETS, GROUPS, run_matrix, variants
+    from trainer.experiments import BUDGETS, GROUPS, run_matrix
     from trainer.report import write_report
 
     if budget not in BUDGETS:
@@ -75,10 +75,6 @@ def report(
     ds = [d.strip() for d in datasets.split(",") if d.strip()]
     if not ds:
         fail("--datasets is empty")
-    names = [v.name for d in ds for v in variants(next((o for o in ds if o != d), None))]
-    unknown = [r for r in rows or [] if r not in names]
-    if unknown:
-        fail(f"--row {unknown} not in {list(dict.fromkeys(names))}")
     try:
         base = [load_yaml(config)] if config is not None else []
         base += [parse_override(item) for item in sets or []]

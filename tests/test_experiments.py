@@ -161,6 +161,8 @@ def test_plan_runs_every_row_once_before_the_further_seeds() -> None:
     assert [(d, s) for d, v, s in picked if v.name == "MSM4SR"] == [
         (d, s) for d, v, s in cells if v.name == "MSM4SR"
     ]
+    with pytest.raises(ValueError, match=r"--row \['MSM4SR x'\] not in"):
+        plan(["a", "b"], BUDGETS["cpu"], rows=["MSM4SR x"])
 
 
 def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:

@@ -64,9 +64,7 @@ HOLDOUT = {"data": {"holdout_items": 0.1}}
 def variants(other: str | None) -> list[Variant]:
     """The matrix for one dataset; `other` = the dataset of the cross-domain rows (or None)."""
     rows = [
-        Variant(
-            "SASRec (ID)", "main", pretrain=None, finetune=SASREC, main_seeds=True
-        ),
+        Variant("SASRec (ID)", "main", pretrain=None, finetune=SASREC, main_seeds=True),
         Variant(
             "Text-only pre-trained",
             "main",
@@ -289,6 +287,11 @@ def plan(
                 continue
             for s in budget.seeds_for(ds, v.main_seeds):
                 cells.append((ds, v, s))
+    known = {
+        v.name for ds in datasets for v in variants(next((d for d in datasets if d != ds), None))
+    }
+    if names and names - known:
+        raise ValueError(f"--row {sorted(names - known)} not in {sorted(known)}")
     cells.sort(key=lambda c: (c[2], GROUPS.index(c[1].group)))
     return cells
 
@@ -337,7 +340,9 @@ def run_matrix(
             cell.pretrain_run = run_key("pretrain", src, seed, pre_cfg, None)
             reused &= train_or_reuse("pretrain", pre_cfg, cell.pretrain_run, wh, None, fresh)
         cell.finetune_run = run_key("finetune", ds, seed, ft_cfg, cell.pretrain_run)
-        reused &= train_or_reuse("finetune", ft_cfg, cell.finetune_run, wh, cell.pretrain_run, fresh)
+        reused &= train_or_reuse(
+            "finetune", ft_cfg, cell.finetune_run, wh, cell.pretrain_run, fresh
+        )
         cell.reused, cell.seconds = reused, time.perf_counter() - t0
         cells.append(cell)
         if on_cell is not None:
