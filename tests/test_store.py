@@ -36,6 +36,35 @@ def test_connect_creates_every_contract_table_and_view(wh: WarehouseConfig) -> N
     assert wh.catalog_path.exists()
 
 
+def test_extensions_are_signature_checked_once_per_process_and_again_when_changed(
+    wh: WarehouseConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "_VERIFIED", {})
+
+    def unsigned_allowed() -> bool:
+        with store.connect(wh) as con:
+            return con.execute("SELECT current_setting('allow_unsigned_extensions')").fetchone()[0]
+
+    assert unsigned_allowed() is False  # first connection: DuckDB checks the signatures
+    assert set(store._VERIFIED) == {
+        store._wheel_extension(f"duckdb_extension_{n}") for n in store.extensions_for(wh)
+    }
+    assert unsigned_allowed() is True  # the same files again: not re-checked
+    some = next(iter(store._VERIFIED))
+    store._VERIFIED[some] = (0, 0)  # as if the file changed since it was checked
+    assert unsigned_allowed() is False
+    assert store._VERIFIED[some] == store._stamp(some)
+
+
+def test_a_view_whose_text_changed_is_recreated_on_connect(wh: WarehouseConfig) -> None:
+    with store.connect(wh) as con:
+        want = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'item_keywords'").fetchone()[0]
+        con.execute("CREATE OR REPLACE VIEW item_keywords AS SELECT 1 AS x")
+    with store.connect(wh) as con:  # the process already knows the canonical text
+        got = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'item_keywords'").fetchone()[0]
+    assert got == want
+
+
 def test_reopening_commits_nothing(wh: WarehouseConfig) -> None:
     with store.connect(wh) as con:
         first = store.snapshot_id(con)
