@@ -280,16 +280,15 @@ def plan(
     only = set(only) if only else None
     names = set(rows) if rows else None
     cells = []
+    known: set[str] = set()
     for ds in datasets:
         other = next((d for d in datasets if d != ds), None)
         for v in variants(other):
+            known.add(v.name)
             if (only and v.group not in only) or (names and v.name not in names):
                 continue
             for s in budget.seeds_for(ds, v.main_seeds):
                 cells.append((ds, v, s))
-    known = {
-        v.name for ds in datasets for v in variants(next((d for d in datasets if d != ds), None))
-    }
     if names and names - known:
         raise ValueError(f"--row {sorted(names - known)} not in {sorted(known)}")
     cells.sort(key=lambda c: (c[2], GROUPS.index(c[1].group)))
