@@ -296,6 +296,19 @@ TABLES: dict[str, TableSpec] = {
 }
 
 
+# Bookkeeping, not data: one row per table of TABLES. DuckLake has no key constraints and lets two
+# concurrent commits that both append to a table both land, so two machines adding the same
+# content-addressed key at once (one string embedded by two flows) would leave it twice. Every
+# commit that adds keys to a table also bumps that table's row here; of two such commits one then
+# conflicts, and `features.store.write` retries it against the other's rows.
+WRITE_GUARDS = TableSpec(
+    "write_guards",
+    pa.schema([("table_name", pa.string()), ("n_commits", pa.int64())]),
+    ("table_name",),
+    "one row per table: bumped by every commit that adds keys to it (serialises such commits)",
+)
+
+
 def spec(name: str) -> TableSpec:
     """The spec of table `name`; a clear error for an unknown name."""
     try:

@@ -358,9 +358,14 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, cfg: WarehouseConfig | None = 
             "SELECT table_name FROM duckdb_tables() WHERE database_name = ?", [ALIAS]
         ).fetchall()
     }
-    tables = [create_table_sql(s) for n, s in contract.TABLES.items() if n not in have]
+    specs = [*contract.TABLES.values(), contract.WRITE_GUARDS]
+    tables = [create_table_sql(s) for s in specs if s.name not in have]
     if tables:
-        _retry(lambda: _transaction(con, tables), cfg.max_retries, what="creating tables")
+        _retry(
+            lambda: _transaction(con, [*tables, _seed_guards_sql()]),
+            cfg.max_retries,
+            what="creating tables",
+        )
     stored = {
         r[0]: _view_body(r[1])
         for r in con.execute(
@@ -374,6 +379,16 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, cfg: WarehouseConfig | None = 
     ]
     if views:
         _retry(lambda: _transaction(con, views), cfg.max_retries, what="creating views")
+
+
+def _seed_guards_sql() -> str:
+    """Insert the write_guards rows of the contract tables that have none (idempotent)."""
+    g = contract.WRITE_GUARDS.name
+    names = ", ".join(f"({_sql_literal(n)})" for n in contract.TABLES)
+    return (
+        f"INSERT INTO {g} SELECT v.name, 0 FROM (VALUES {names}) v(name) "
+        f"WHERE v.name NOT IN (SELECT table_name FROM {g})"
+    )
 
 
 def _transaction(con: duckdb.DuckDBPyConnection, statements: list[str]) -> None:
@@ -645,6 +660,14 @@ def write(
                 _merge(con, spec, data, where, part.max_delete_share, part.replace_dataset or "")
                 for spec, data, where, part in prepared
             ]
+            # Two commits adding the same new key would both land (DuckLake checks no keys):
+            # bumping the table's guard row makes the later one conflict, and be retried.
+            added = sorted({r.table for r in results if r.inserted})
+            if added:
+                con.execute(
+                    f"UPDATE {contract.WRITE_GUARDS.name} SET n_commits = n_commits + 1 "
+                    f"WHERE table_name IN ({', '.join(_sql_literal(t) for t in added)})"
+                )
             con.execute("COMMIT" if any(r.changed for r in results) else "ROLLBACK")
             return results
         except BaseException:

@@ -31,7 +31,7 @@ def test_connect_creates_every_contract_table_and_view(wh: WarehouseConfig) -> N
     with store.connect(wh) as con:
         names = {t for t, _ in store.table_counts(con)}
         views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE database_name='lake'").fetchall()}
-    assert names == set(contract.TABLES)
+    assert names == set(contract.TABLES) | {contract.WRITE_GUARDS.name}
     assert {"item_text_features", "item_image_features", "item_keywords"} <= views
     assert wh.catalog_path.exists()
 
