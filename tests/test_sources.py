@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from features import store
+from features import contract, store
 from features.store import WarehouseConfig
 from pipeline.ingest import ingest
 from pipeline.preprocess import preprocess
@@ -90,7 +90,7 @@ def test_reingest_of_same_files_changes_no_data(tmp_path: Path, wh: WarehouseCon
         changes = con.execute(
             "SELECT changes FROM lake.snapshots() WHERE snapshot_id > ?", [before]
         ).fetchall()
-    # one snapshot, and it only logged the run
+    # one snapshot, and it only logged the run (and bumped the write guards of the run tables)
     assert len(changes) == 1
     touched = {v for c in changes for vals in c[0].values() for v in vals}
     with store.connect(wh) as con:
@@ -100,7 +100,8 @@ def test_reingest_of_same_files_changes_no_data(tmp_path: Path, wh: WarehouseCon
                 "WHERE end_snapshot IS NULL"
             ).fetchall()
         )
-    assert touched and touched <= {str(ids["pipeline_runs"]), str(ids["data_report"])}
+    logged = {str(ids[t]) for t in ("pipeline_runs", "data_report", contract.WRITE_GUARDS.name)}
+    assert touched and touched <= logged and str(ids["pipeline_runs"]) in touched
 
 
 def test_generic_items_with_duplicates_and_invalid_utf8(tmp_path: Path, wh: WarehouseConfig) -> None:
