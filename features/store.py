@@ -268,9 +268,10 @@ def connect(
     """Open DuckDB, ATTACH the DuckLake catalog as `lake`, `USE lake`; DETACH in `finally`.
 
     Args:
-        create: create the catalog and every contract table when missing. With create=False a
-            missing catalog raises WarehouseError naming the path (e.g. `msm4sr sql` before any
-            ingest).
+        create: create the catalog when missing. With create=False a missing catalog raises
+            WarehouseError naming the path (e.g. `msm4sr sql` before any ingest). Every writable
+            connection creates the contract tables (and write guards) it lacks, so an older
+            warehouse opened by newer code gains them before its first write.
         read_only: attach READ_ONLY (queries only).
     """
     cfg = cfg or WarehouseConfig()
@@ -290,7 +291,7 @@ def connect(
         _retry(lambda: con.execute(sql), cfg.max_retries, what=f"attaching {cfg.location}")
         attached = True
         con.execute(f"USE {ALIAS}")
-        if create and not read_only:
+        if not read_only:
             ensure_schema(con, cfg)
         yield con
     finally:

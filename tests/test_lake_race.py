@@ -68,8 +68,8 @@ def _key_counts(cfg: WarehouseConfig) -> list[tuple[str, int]]:
 
 
 def test_overlapping_commits_of_one_key_on_postgres_keep_one_row(
-    lake_env: dict[str, str],
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    lake_env: dict[str, str],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cfg = WarehouseConfig()
     results = _overlapping_upserts(cfg, monkeypatch)
@@ -87,3 +87,15 @@ def test_overlapping_commits_of_one_key_on_sqlite_keep_one_row(
     results = _overlapping_upserts(wh, monkeypatch)
     assert _key_counts(wh) == [("a", 1), ("b", 1), ("shared", 1)]
     assert sorted(r.inserted for r in results) == [1, 2]
+
+
+def test_a_warehouse_from_before_the_guards_gains_them_on_its_first_writable_open(
+    wh: WarehouseConfig,
+) -> None:
+    with store.connect(wh) as con:
+        con.execute(f"DROP TABLE {contract.WRITE_GUARDS.name}")
+    # a shard worker's kind of connection (create=False: the catalog must exist) then writes
+    with store.connect(wh, create=False) as con:
+        assert store.upsert(con, "text_embeddings", _rows(["x"])).inserted == 1
+        guards = dict(con.execute(f"SELECT * FROM {contract.WRITE_GUARDS.name}").fetchall())
+    assert set(guards) == set(contract.TABLES) and guards["text_embeddings"] == 1
