@@ -361,7 +361,9 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, cfg: WarehouseConfig | None = 
     }
     specs = [*contract.TABLES.values(), contract.WRITE_GUARDS]
     tables = [create_table_sql(s) for s in specs if s.name not in have]
-    if tables:
+    # A guard row deleted by hand would leave its table's commits silently unguarded: re-seed.
+    seed = bool(tables) or _guard_rows(con) < len(contract.TABLES)
+    if tables or seed:
         _retry(
             lambda: _transaction(con, [*tables, _seed_guards_sql()]),
             cfg.max_retries,
@@ -380,6 +382,15 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, cfg: WarehouseConfig | None = 
     ]
     if views:
         _retry(lambda: _transaction(con, views), cfg.max_retries, what="creating views")
+
+
+def _guard_rows(con: duckdb.DuckDBPyConnection) -> int:
+    """How many contract tables have a write_guards row (a read; nothing is committed)."""
+    g = contract.WRITE_GUARDS.name
+    names = ", ".join(_sql_literal(n) for n in contract.TABLES)
+    return con.execute(
+        f"SELECT count(DISTINCT table_name) FROM {g} WHERE table_name IN ({names})"
+    ).fetchone()[0]
 
 
 def _seed_guards_sql() -> str:

@@ -101,3 +101,24 @@ def test_a_warehouse_from_before_the_guards_gains_them_on_its_first_writable_ope
         assert store.upsert(con, "text_embeddings", _rows(["x"])).inserted == 1
         guards = dict(con.execute(f"SELECT * FROM {contract.WRITE_GUARDS.name}").fetchall())
     assert set(guards) == set(contract.TABLES) and guards["text_embeddings"] == 1
+
+
+def test_a_guard_row_deleted_by_hand_is_seeded_again_on_the_next_writable_open(
+    wh: WarehouseConfig,
+) -> None:
+    with store.connect(wh) as con:
+        store.upsert(con, "text_embeddings", _rows(["x"]))
+        con.execute(
+            f"DELETE FROM {contract.WRITE_GUARDS.name} WHERE table_name = 'text_embeddings'"
+        )
+    with store.connect(wh, read_only=True) as con:  # a reader changes nothing
+        names = {
+            r[0]
+            for r in con.execute(f"SELECT table_name FROM {contract.WRITE_GUARDS.name}").fetchall()
+        }
+    assert "text_embeddings" not in names
+    with store.connect(wh) as con:
+        assert store.upsert(con, "text_embeddings", _rows(["y"])).inserted == 1
+        guards = dict(con.execute(f"SELECT * FROM {contract.WRITE_GUARDS.name}").fetchall())
+    # back, and bumped by the new key's commit (its count restarts from 0)
+    assert set(guards) == set(contract.TABLES) and guards["text_embeddings"] == 1
