@@ -363,7 +363,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection, cfg: WarehouseConfig | None = 
     tables = [create_table_sql(s) for s in specs if s.name not in have]
     # A guard row deleted by hand would leave its table's commits silently unguarded: re-seed.
     seed = bool(tables) or _guard_rows(con) < len(contract.TABLES)
-    if tables or seed:
+    if seed:
         _retry(
             lambda: _transaction(con, [*tables, _seed_guards_sql()]),
             cfg.max_retries,
