@@ -87,8 +87,6 @@ def build_config(
         over["model"] = {"modalities": modalities}
     for section, values in (extra or {}).items():
         over.setdefault(section, {}).update(values)
-    if not progress:
-        epoch_lines()
     return resolve([*layers, over])
 
 
@@ -187,6 +185,8 @@ def pretrain_cmd(
             extra,
         )
     )
+    if not progress:
+        epoch_lines()
     print_result(_run(lambda: pretrain(cfg, resume=resume)))
 
 
@@ -233,6 +233,8 @@ def finetune_cmd(
             extra,
         )
     )
+    if not progress:
+        epoch_lines()
     print_result(_run(lambda: finetune(cfg, from_run=from_, resume=resume)))
 
 
@@ -286,6 +288,8 @@ def train_cmd(
             progress,
         )
     )
+    if not progress:
+        epoch_lines()
     pre, ft = _run(lambda: train(cfg, inductive=inductive))
     print_result(pre)
     print_result(ft)
