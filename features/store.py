@@ -1,13 +1,13 @@
 """The store API over DuckLake: one `connect()` context manager and idempotent writes.
 
 DuckLake keeps every table as Parquet files under a data path and records tables, files and
-snapshots in a catalog database. The default catalog is SQLite (`warehouse/catalog.sqlite`, so a
-reader can query while a flow writes) with data in `warehouse/data/`; any DuckLake ATTACH string
-works (e.g. `ducklake:postgres:dbname=lake host=...` with `DATA_PATH 's3://bucket/lake/'`): set
-MSM4SR_LAKE_ATTACH / MSM4SR_LAKE_DATA. S3 credentials come from the standard AWS variables
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL) as
-a temporary DuckDB secret, or, when those are unset, from a persistent DuckDB secret
-(docs/cluster.md).
+snapshots in a catalog database. The default catalog is SQLite (`warehouse/catalog.sqlite`, in
+WAL mode, so a reader can query while a flow writes) with data in `warehouse/data/`; any DuckLake
+ATTACH string works (e.g. `ducklake:postgres:dbname=lake host=...` with `DATA_PATH
+'s3://bucket/lake/'`): set MSM4SR_LAKE_ATTACH / MSM4SR_LAKE_DATA. S3 credentials come from the
+standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION,
+AWS_ENDPOINT_URL) as a temporary DuckDB secret, or, when those are unset, from a persistent
+DuckDB secret (docs/cluster.md).
 
 Writes go through `upsert` / `replace_dataset`, which MERGE on the contract's keys inside one
 transaction and skip the commit when nothing changed, so re-running a stage on the same input
@@ -109,6 +109,13 @@ class WarehouseConfig:
             opts.append("OVERRIDE_DATA_PATH true")
         if read_only:
             opts.append("READ_ONLY")
+        elif not self.attach:
+            # The SQLite catalog in WAL mode (persistent: a reader then reads it so too):
+            # readers neither block nor wait for a writer. In SQLite's default rollback-journal
+            # mode two writers committing at once could wedge each other: one's failed commit
+            # left a lock that failed every retry of both ("database is locked" for ~100 s,
+            # then an error; 1 race in 3 in tests/test_lake_race.py).
+            opts.append("META_JOURNAL_MODE 'WAL'")
         return f"ATTACH {_sql_literal(self.attach_target)} AS {ALIAS}" + (
             f" ({', '.join(opts)})" if opts else ""
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import threading
 import time
@@ -135,3 +136,19 @@ def write_office_cut(dest: Path, n_users: int = 70) -> tuple[Path, Path]:
     (dest / "interactions.csv").write_text("\n".join([header, *keep]) + "\n")
     (dest / "items.tsv").write_text("\n".join([item_header, *item_rows]) + "\n")
     return dest / "interactions.csv", dest / "items.tsv"
+
+
+def warehouse_fingerprint(wh: Path) -> dict[str, str]:
+    """sha256 of every file of a warehouse folder (catalog and Parquet data).
+
+    SQLite's WAL side files are left out only where they hold nothing: a reader of the WAL-mode
+    catalog creates an empty `-wal` and its index `-shm` (derived from the WAL, no data). A write
+    that reached the catalog is in the catalog file or in a non-empty `-wal`, both fingerprinted.
+    """
+    return {
+        str(p.relative_to(wh)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(wh.rglob("*"))
+        if p.is_file()
+        and not p.name.endswith("-shm")
+        and not (p.name.endswith("-wal") and p.stat().st_size == 0)
+    }

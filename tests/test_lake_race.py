@@ -85,7 +85,9 @@ def test_overlapping_commits_of_one_key_on_sqlite_keep_one_row(
     wh: WarehouseConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # SQLite's write lock serialises these commits even without the guard (this passes without
-    # it); what it checks is that the guard's bump neither deadlocks nor fails on the default layout.
+    # it). What it checks: two writers committing at once on the default layout both land. In
+    # SQLite's rollback-journal mode about 1 race in 3 wedged both (a failed commit left a lock
+    # that failed every retry); the catalog's WAL mode (store.WarehouseConfig.attach_sql) ended it.
     results = _overlapping_upserts(wh, monkeypatch)
     assert _key_counts(wh) == [("a", 1), ("b", 1), ("shared", 1)]
     assert sorted(r.inserted for r in results) == [1, 2]

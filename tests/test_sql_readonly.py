@@ -5,7 +5,6 @@ with one line, and afterwards the warehouse is byte-for-byte what it was; reads 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 
 from features.store import WarehouseConfig
 from tests.cli_run import msm4sr, ok, one_line_error, scalar
-from tests.helpers import write_office_cut
+from tests.helpers import warehouse_fingerprint, write_office_cut
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +49,6 @@ def wh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             "text",
         )
         yield root / "wh"
-
-
-def fingerprint(wh: Path) -> dict[str, str]:
-    """sha256 of every file of the warehouse folder (catalog and Parquet data)."""
-    return {
-        str(p.relative_to(wh)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(wh.rglob("*"))
-        if p.is_file()
-    }
 
 
 def count(table: str) -> int:
@@ -110,13 +100,13 @@ def attacks(wh: Path, out: Path) -> list[str]:
 def test_the_issues_attack_fails_with_one_line_and_changes_nothing(
     wh: Path, tmp_path: Path
 ) -> None:
-    before = fingerprint(wh)
+    before = warehouse_fingerprint(wh)
     n_inter, n_items = count("interactions"), count("items")
     for sql in attacks(wh, tmp_path)[:1] + [f"COPY (SELECT * FROM items) TO '{tmp_path}/x.csv'"]:
         line = one_line_error(msm4sr("sql", sql))
         assert "read-only" in line or "statements given" in line, line
     assert (count("interactions"), count("items")) == (n_inter, n_items) and n_inter > 0
-    assert fingerprint(wh) == before and list(tmp_path.iterdir()) == []
+    assert warehouse_fingerprint(wh) == before and list(tmp_path.iterdir()) == []
 
 
 def test_every_variant_is_refused_and_changes_nothing(wh: Path, tmp_path: Path) -> None:
@@ -124,7 +114,7 @@ def test_every_variant_is_refused_and_changes_nothing(wh: Path, tmp_path: Path) 
     refused statement leaves the session as it was, so later ones meet the same locks."""
     from features.readonly_sql import ReadOnlyError, execute, open_readonly
 
-    before = fingerprint(wh)
+    before = warehouse_fingerprint(wh)
     wcfg = WarehouseConfig(root=wh, attach=None, data_path=None)
     with open_readonly(wcfg) as con:
         n_inter = execute(con, "select count(*) from interactions", 1).rows[0][0]
@@ -133,7 +123,7 @@ def test_every_variant_is_refused_and_changes_nothing(wh: Path, tmp_path: Path) 
                 execute(con, sql, 10)
             assert isinstance(e.value, ReadOnlyError) or "disabled" in str(e.value), (sql, e.value)
         assert execute(con, "select count(*) from interactions", 1).rows[0][0] == n_inter > 0
-    assert fingerprint(wh) == before and list(tmp_path.iterdir()) == []
+    assert warehouse_fingerprint(wh) == before and list(tmp_path.iterdir()) == []
 
 
 def test_empty_and_broken_sql_are_one_line_errors(wh: Path) -> None:

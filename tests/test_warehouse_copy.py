@@ -3,24 +3,15 @@ same rows, and writes to a copy land in the copy only."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.cli_run import ok, scalar
-from tests.helpers import write_office_cut
+from tests.helpers import warehouse_fingerprint, write_office_cut
 
 OFFICE_COLS = ("--item-key-col", "id", "--title-col", "text")
-
-
-def fingerprint(wh: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(wh)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(wh.rglob("*"))
-        if p.is_file()
-    }
 
 
 def counts(monkeypatch: pytest.MonkeyPatch, wh: Path) -> tuple[int, int]:
@@ -45,12 +36,12 @@ def test_a_copied_or_moved_warehouse_opens_where_it_lies(
     assert "interactions" in ok("tables")
 
     # a write to the copy lands in the copy; the original is untouched and still opens
-    before = fingerprint(original)
+    before = warehouse_fingerprint(original)
     more, more_items = write_office_cut(tmp_path / "office2", n_users=35)
     ok("ingest", "generic", str(more), str(more_items), "--dataset", "office", *OFFICE_COLS)
     grown = counts(monkeypatch, copy)
     assert grown[0] > expected[0]
-    assert fingerprint(original) == before
+    assert warehouse_fingerprint(original) == before
     assert counts(monkeypatch, original) == expected
 
     moved = tmp_path / "elsewhere" / "moved"
