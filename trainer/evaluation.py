@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from trainer.trainer import Model
 
 
-@torch.no_grad()
 def evaluate_cases(
     model: Model,
     feats: dict[str, Any],
@@ -37,6 +36,20 @@ def evaluate_cases(
 ) -> Metrics:
     """Full-ranking metrics of `model` on `cases`: subsets "all", "cold" (rare targets) and
     "unseen" (targets with no train interaction)."""
+    ranks = rank_cases(model, feats, data, cases, cfg, device)
+    return _by_subset(ranks, cases, counts, cfg)
+
+
+@torch.no_grad()
+def rank_cases(
+    model: Model,
+    feats: dict[str, Any],
+    data: SeqDataset,
+    cases: EvalCases,
+    cfg: Config,
+    device: torch.device,
+) -> np.ndarray:
+    """The 0-based full-ranking rank of each case's target under `model` ([len(cases)])."""
     ecfg = cfg.eval
     was_training = model.training
     model.eval()
@@ -64,7 +77,7 @@ def evaluate_cases(
         )
         ranks[idx] = r.cpu().numpy()
     model.train(was_training)
-    return _by_subset(ranks, cases, counts, cfg)
+    return ranks
 
 
 def _history(data: SeqDataset, cases: EvalCases, sl: slice | np.ndarray) -> list[torch.Tensor]:
@@ -75,13 +88,21 @@ def _history(data: SeqDataset, cases: EvalCases, sl: slice | np.ndarray) -> list
     ]
 
 
+def subset_masks(cases: EvalCases, counts: np.ndarray, cfg: Config) -> dict[str, np.ndarray]:
+    """Boolean masks over `cases`: "cold" (target with <= cold_threshold train interactions) and
+    "unseen" (target never in training, e.g. a held-out item)."""
+    n = counts[cases.targets]
+    return {"cold": n <= cfg.eval.cold_threshold, "unseen": n == 0}
+
+
 def _by_subset(ranks: np.ndarray, cases: EvalCases, counts: np.ndarray, cfg: Config) -> Metrics:
     out = {"all": metrics_from_ranks(ranks, cfg.eval.ks)}
-    cold = counts[cases.targets] <= cfg.eval.cold_threshold
+    masks = subset_masks(cases, counts, cfg)
+    cold = masks["cold"]
     if cold.any():
         out["cold"] = metrics_from_ranks(ranks[cold], cfg.eval.ks)
         out["cold"]["n_cases"] = float(cold.sum())
-    unseen = counts[cases.targets] == 0  # never in training (e.g. held-out items)
+    unseen = masks["unseen"]
     if unseen.any():
         out["unseen"] = metrics_from_ranks(ranks[unseen], cfg.eval.ks)
         out["unseen"]["n_cases"] = float(unseen.sum())

@@ -21,7 +21,8 @@ from pathlib import Path
 from features import store
 from features.store import WarehouseConfig
 from trainer.experiments import Budget, Cell
-from trainer.runlog import git_commit
+from trainer.paired import PairedRows
+from trainer.runlog import RunError, git_commit
 
 METRICS = ("NDCG@10", "NDCG@20", "Recall@10", "Recall@20")
 POPULARITY = "Popularity"
@@ -187,15 +188,50 @@ def runs_of(rows: list[Row]) -> dict[tuple[str, str], frozenset[str]]:
     return {k: frozenset(v) for k, v in acc.items()}
 
 
+def paired_intervals(
+    rows: list[Row], datasets: list[str], wh: WarehouseConfig | None
+) -> dict[tuple[str, str, str, str], str]:
+    """(dataset, ours, ref, subset) -> the target's paired bootstrap interval, in words
+    (trainer/paired.py), or why there is none; for every target whose two rows are there."""
+    stored: dict[tuple[str, str], dict[str, dict[str, float]]] = defaultdict(dict)
+    for r in rows:
+        if r.split == "test" and r.metric == JUDGED_METRIC:
+            stored[(r.dataset, r.model)].setdefault(r.run_id, {})[r.subset] = r.value
+    paired = PairedRows(wh)
+    out = {}
+    for ds in datasets:
+        for ours, ref, subset, _ in TARGETS:
+            a, b = stored.get((ds, ours)), stored.get((ds, ref))
+            if not a or not b or set(a) == set(b):
+                continue
+            if not all(subset in v for v in [*a.values(), *b.values()]):
+                continue  # a subset with no cases
+            try:
+                gain, low, high = paired.gain(a, b, subset)
+            except RunError as e:
+                text = f"no paired interval: {e}"
+            else:
+                text = (
+                    f"paired 95% interval of the {JUDGED_METRIC} gain over test cases "
+                    f"{low:+.1%} to {high:+.1%}"
+                    if math.isfinite(gain)
+                    else "no paired interval: the reference scores 0 on every case"
+                )
+            out[(ds, ours, ref, subset)] = text
+    return out
+
+
 def targets(
     summary: dict,
     datasets: list[str],
     runs: dict[tuple[str, str], frozenset[str]] | None = None,
+    intervals: dict[tuple[str, str, str, str], str] | None = None,
 ) -> list[str]:
     """One line per claim and dataset: reached or not on JUDGED_METRIC, with the relative gains
-    of NDCG@10 and Recall@10. Two rows that are the same runs (MSM4SR and Text-only on a
-    dataset without images) are not compared."""
-    runs = runs or {}
+    of NDCG@10 and Recall@10 (and, given `intervals`, the paired bootstrap interval of the
+    gain). Two rows that are the same runs (MSM4SR and Text-only on a dataset without images)
+    are not compared."""
+    runs, intervals = runs or {}, intervals or {}
     lines = []
     for ds in datasets:
         for ours, ref, subset, need in TARGETS:
@@ -228,9 +264,10 @@ def targets(
                 verdict = f"not judged: fewer than {MIN_CASES} test cases"
             else:
                 verdict = f"**{'reached' if ok else 'NOT reached'}**"
+            interval = intervals.get((ds, ours, ref, subset))
             lines.append(
                 f"- {ds}, `{subset}` targets{cases}: {ours} vs {ref} (need >= {need:+.0%}): "
-                f"{detail}: {verdict}"
+                f"{detail}: {verdict}" + (f"; {interval}" if interval else "")
             )
     return lines
 
@@ -415,13 +452,18 @@ def write_report(
         "and `train s` (training + validation seconds, pre-training included) are means over seeds.",
         f"- Targets are judged on test {JUDGED_METRIC} (Recall@10 shown beside it), only "
         f"between rows trained to early stop, never between two rows that are the same runs, "
-        f"and on cold / unseen subsets only with >= {MIN_CASES} test cases (smaller ones are shown, not judged).",
+        f"and on cold / unseen subsets only with >= {MIN_CASES} test cases (smaller ones are shown, not judged). "
+        "Beside each: the gain's 95% interval from a paired bootstrap over the test cases (2,000 "
+        "resamples of the users; each row's per-case NDCG@10 is its seeds' mean, re-ranked from "
+        "the runs' best checkpoints): the seeds share one test item per user, so the ± over seeds "
+        "does not say how much a gain depends on which items were held out.",
         "- Cold: test cases whose target has <= 5 training interactions. Held-out setting: 10% of "
         "the items are removed from every training sequence; `unseen` = test cases whose target "
         "is one of them, scored inductively (SASRec cannot score an unseen item).",
     ]
     md += [f"- Note: {n}" for n in notes]
-    md += ["", "## Targets", ""] + targets(summary, datasets, runs_of(rows))
+    md += ["", "## Targets", ""]
+    md += targets(summary, datasets, runs_of(rows), paired_intervals(rows, datasets, wh))
     for ds in datasets:
         md += ["", f"## {ds}", "", "### Main rows and ablations (test, all cases)", ""]
         md += _table(summary, ds, _models(rows, ds, ("main", "ablation")), "all")
