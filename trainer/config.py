@@ -176,6 +176,11 @@ class TrainConfig:
     # Early stopping: epochs without a better validation `valid_metric` before stopping
     # (PAPER.md: 20; RecBole's SASRec: 10).
     patience: int = 10
+    # Learning-rate decay on a plateau: after every `decay_patience` epochs in a row without a
+    # better validation `valid_metric`, the lr is multiplied by `lr_decay` (1.0 = constant lr,
+    # as PAPER.md and RecBole).
+    lr_decay: float = 1.0
+    decay_patience: int = 3
     # Metric watched for early stopping and best-checkpoint selection (the field's NDCG@10;
     # PAPER.md: Recall@20).
     valid_metric: str = "NDCG@10"
@@ -222,10 +227,13 @@ class TrainConfig:
             "cmcl_rows",
             "window_stride",
             "max_seconds",
+            "decay_patience",
         ):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise ValueError(f"{name}={v} must be > 0")
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay={self.lr_decay} must be in (0, 1]")
 
 
 def auto_batch(n_targets: int, arch: str = "sasrec", stage: str = "finetune") -> int:

@@ -176,6 +176,9 @@ def _strip(cfg: Config) -> dict[str, Any]:
     d = cfg.to_dict()
     rt = d.pop("runtime")
     d["numerics"] = numeric_settings(rt["device"], rt["amp"])
+    for stage in ("pretrain", "finetune"):
+        if d[stage]["lr_decay"] == 1.0:  # constant lr: ids as before the lr decay existed
+            del d[stage]["lr_decay"], d[stage]["decay_patience"]
     return d
 
 

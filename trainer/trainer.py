@@ -416,6 +416,10 @@ class Trainer:
                     self.save_best()
                 else:
                     self.bad_epochs += 1
+                    if t.lr_decay < 1.0 and self.bad_epochs % t.decay_patience == 0:
+                        for group in self.opt.param_groups:  # saved with the optimizer state
+                            group["lr"] *= t.lr_decay
+                stats["lr"] = self.opt.param_groups[0]["lr"]
                 self.runlog.log(epoch, {"train": {"all": stats}, "valid": valid})
                 atomic_save(self._state(), self.dir / "last.pt")
                 log.info(
