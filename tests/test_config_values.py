@@ -26,6 +26,7 @@ def empty_warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (["finetune", "--set", "finetune.lr=abc"], "finetune.lr='abc' is not a finite float"),
         (["pretrain", "--set", "model.n_heads=0"], "model.n_heads=0 must be >= 1"),
         (["pretrain", "--set", "model.n_heads=3"], "not divisible by n_heads=3"),
+        (["finetune", "--set", "finetune.lr_decay=0"], "finetune.lr_decay=0.0 must be in (0, 1]"),
         (["train", "--set", "model.mixup=perhaps"], "model.mixup='perhaps' is not a bool"),
         (["train", "--set", "eval.ks=[10, 0]"], "eval.ks=(10, 0) must be cut-offs >= 1"),
         (["pretrain", "--set", "model.x=[1"], "not valid YAML"),

@@ -140,6 +140,12 @@ def test_run_ids_follow_the_configuration() -> None:
     assert run_key("pretrain", "x", 1, a, None) == run_key("pretrain", "x", 1, c, None)
     p = Config.from_dict({"data": {"dataset": "x"}, "pretrain": {"lr": 0.5}})
     assert run_key("pretrain", "x", 1, a, None) != run_key("pretrain", "x", 1, p, None)
+    # The lr decay is a setting like any other once it is on; off (a constant lr), it leaves
+    # the ids of the runs made before it existed as they were (these two were computed then).
+    d = Config.from_dict({"data": {"dataset": "x"}, "finetune": {"lr_decay": 0.5}})
+    assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, d, None)
+    assert run_key("finetune", "x", 1, a, None) == "x-fin-x-s1-7cd4ef3d1e"
+    assert run_key("pretrain", "x", 1, a, None) == "x-pre-x-s1-5c4ce80537"
 
 
 def test_plan_runs_every_row_once_before_the_further_seeds() -> None:

@@ -79,6 +79,7 @@ def test_runs_and_metrics_are_logged(wh, trained) -> None:
     keys = {(r["epoch"], r["split"], r["subset"], r["metric"]) for r in metrics}
     assert {
         (1, "train", "all", "loss_ce"),
+        (2, "train", "all", "lr"),
         (2, "valid", "all", "Recall@20"),
         (-1, "test", "all", "NDCG@10"),
         (-1, "test", "all", "MRR@50"),
@@ -289,6 +290,33 @@ def test_the_time_budget_starts_an_epoch_only_if_it_should_end_within_it(wh) -> 
     assert tr._epoch_fits(1e-9) and tr._epoch_fits(None)  # the first epoch always runs
     tr.epoch, tr.elapsed = 2, 10.0  # 5 s an epoch so far: the third would end at 15 s
     assert tr._epoch_fits(15.0) and not tr._epoch_fits(14.9)
+
+
+def test_the_lr_decays_after_each_plateau_of_decay_patience_epochs(wh) -> None:
+    from trainer.data import load_dataset
+    from trainer.trainer import Trainer
+
+    cfg = _cfg(model={"arch": "sasrec"}, finetune={"lr_decay": 0.5, "decay_patience": 2})
+    tr = Trainer(cfg, load_dataset(cfg.data, wh), "finetune", wh)
+    lr0 = tr.opt.param_groups[0]["lr"]
+    seen = []
+    for epoch, score in enumerate([0.10, 0.09, 0.08, 0.12, 0.11, 0.10, 0.09, 0.08], start=1):
+        seen.append((tr.record_score(score, epoch), tr.opt.param_groups[0]["lr"] / lr0))
+    assert seen == [
+        (True, 1.0),
+        (False, 1.0),
+        (False, 0.5),  # 2 epochs without a better score
+        (True, 0.5),  # a new best resets the count, not the lr
+        (False, 0.5),
+        (False, 0.25),
+        (False, 0.25),
+        (False, 0.125),
+    ]
+    assert (tr.best, tr.best_epoch, tr.bad_epochs) == (0.12, 4, 4)
+    constant = Trainer(_cfg(model={"arch": "sasrec"}), load_dataset(cfg.data, wh), "finetune", wh)
+    for epoch in range(1, 6):
+        constant.record_score(0.0, epoch)
+    assert constant.opt.param_groups[0]["lr"] == constant.tcfg.lr
 
 
 def test_finetune_keeps_the_pretrained_shape_and_takes_its_own_regularisation(wh, trained) -> None:

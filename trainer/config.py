@@ -427,6 +427,11 @@ def _build(section_cls: type, current: Any, values: dict[str, Any], where: str) 
         return section_cls(**kw)
     except TypeError as e:  # a value of a type the checks cannot compare
         raise ValueError(f"config section {where!r}: {e}") from None
+    except ValueError as e:  # "lr=0 must be > 0" -> "finetune.lr=0 must be > 0"
+        msg = str(e)
+        if msg.partition("=")[0] in names:
+            raise ValueError(f"{where}.{msg}") from None
+        raise
 
 
 def merge(cfg: Config, d: dict[str, Any]) -> Config:

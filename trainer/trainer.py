@@ -390,6 +390,20 @@ class Trainer:
             return True
         return self.elapsed * (self.epoch + 1) / self.epoch <= max_seconds
 
+    def record_score(self, score: float, epoch: int) -> bool:
+        """Early-stopping bookkeeping of one epoch's validation score; True if it is the best so
+        far. Every `decay_patience` epochs in a row without one, the lr is multiplied by
+        `lr_decay` (the lr lives in the optimizer's state, so a resumed run keeps it)."""
+        t = self.tcfg
+        if score > self.best:
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        if t.lr_decay < 1.0 and self.bad_epochs % t.decay_patience == 0:
+            for group in self.opt.param_groups:
+                group["lr"] *= t.lr_decay
+        return False
+
     def fit(self, resume: bool = False) -> RunResult:
         """Train to early stop / max epochs, then evaluate the best epoch. `resume`: from last.pt."""
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -411,14 +425,8 @@ class Trainer:
                 stats["elapsed_seconds"] = self.elapsed  # time-to-quality curves
                 score = valid["all"][t.valid_metric]
                 self.epoch = epoch
-                if score > self.best:
-                    self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+                if self.record_score(score, epoch):
                     self.save_best()
-                else:
-                    self.bad_epochs += 1
-                    if t.lr_decay < 1.0 and self.bad_epochs % t.decay_patience == 0:
-                        for group in self.opt.param_groups:  # saved with the optimizer state
-                            group["lr"] *= t.lr_decay
                 stats["lr"] = self.opt.param_groups[0]["lr"]
                 self.runlog.log(epoch, {"train": {"all": stats}, "valid": valid})
                 atomic_save(self._state(), self.dir / "last.pt")
