@@ -18,7 +18,9 @@ the same number of threads:
 Prints and writes bench/results/peer.json and bench/results/peer.png: validation NDCG@10
 against wall seconds (training + validation) for each system, the test metrics of each one's
 best validation epoch, and the ratios "seconds to reach RecBole's best validation NDCG@10"
-(ours / RecBole's time to its best epoch, and / its whole run) and "test NDCG@10 ours / RecBole".
+(ours / RecBole's time to its best epoch, and / its whole run) and "test NDCG@10 ours / RecBole",
+with that gain's 95% interval from a paired bootstrap over the test users (ours: the mean per
+case over every seed in peer.parts; RecBole's ranks are re-scored by its own evaluation code).
 
 Resumable (the whole bench takes hours on 2 cores): each finished (dataset, system) is kept in
 bench/results/peer.parts/ and reused, and our runs have ids derived from their configuration, so
@@ -44,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from features import store  # noqa: E402
@@ -58,6 +61,7 @@ from trainer.experiments import (  # noqa: E402
     train_or_reuse,
     variants,
 )
+from trainer.paired import bootstrap_gain, case_ndcg, ndcg_at_k  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PARTS = RESULTS / "peer.parts"
@@ -260,11 +264,37 @@ def run_ours(
 # --------------------------------------------------------------------------- comparison
 
 
+def paired_test_gain(ds: str, system: str, rb: dict, wh: WarehouseConfig | None) -> dict:
+    """Test NDCG@10 of our `system` (per case, the mean over every seed whose part is in
+    peer.parts) against RecBole's on the same users: paired bootstrap (trainer/paired.py)."""
+    cases = rb.get("test_cases")
+    if not cases:
+        return {"note": "RecBole's part has no per-case ranks (it ran before they were kept)"}
+    rb_ndcg = dict(zip(cases["user_ids"], ndcg_at_k(np.asarray(cases["ranks"])), strict=True))
+    parts = sorted(PARTS.glob(f"{ds}-{system}-s*.json"))
+    runs = [json.loads(p.read_text())["run_ids"][-1] for p in parts]
+    ours = [case_ndcg(r, wh, "test") for r in runs]
+    users = ours[0].user_ids
+    if any(list(o.user_ids) != list(users) for o in ours) or set(users) != set(rb_ndcg):
+        return {"note": "the systems' test users differ: no paired comparison"}
+    ref = np.array([rb_ndcg[u] for u in users])
+    mean = np.mean([o.ndcg for o in ours], axis=0)
+    gain, low, high = bootstrap_gain(mean, ref)
+    return {
+        "seeds": [p.stem.rsplit("-s", 1)[1] for p in parts],
+        "cases": len(users),
+        "ours_ndcg10": float(mean.mean()),
+        "recbole_ndcg10_from_ranks": float(ref.mean()),  # = its reported metric, up to ties
+        "gain": gain,
+        "interval95": [low, high],
+    }
+
+
 def first_reaching(curve: list[dict], level: float) -> float | None:
     return next((c["seconds"] for c in curve if c["valid_ndcg10"] >= level), None)
 
 
-def compare(parts: dict[str, dict]) -> dict:
+def compare(ds: str, parts: dict[str, dict], wh: WarehouseConfig | None) -> dict:
     rb = parts.get("recbole")
     if not rb:
         return {}
@@ -284,6 +314,7 @@ def compare(parts: dict[str, dict]) -> dict:
             "ratio_to_recbole_time_to_best": None if t is None else t / rb_to_best,
             "ratio_to_recbole_total_time": None if t is None else t / rb["train_seconds"],
             "test_ndcg10_ratio": (parts[s]["test_ndcg10"] or 0) / rb["test_ndcg10"],
+            "test_ndcg10_paired": paired_test_gain(ds, s, rb, wh),
         }
     return out
 
@@ -367,7 +398,7 @@ def main() -> None:
                     else ""
                 )
             )
-        entry["comparison"] = compare(entry["systems"])
+        entry["comparison"] = compare(ds, entry["systems"], wh)
         results["datasets"][ds] = entry
         print(json.dumps({ds: entry["comparison"]}, indent=1), flush=True)
     out = RESULTS / "peer.json"

@@ -9,7 +9,8 @@ CONFIG.json holds RecBole's config dict (data_path, dataset and the protocol of
 ../shared/RECBOLE.md) plus the runner's own keys `_compile` (torch.compile the model's forward,
 which halves RecBole's epoch time on CPU) and `_threads`. OUT.json gets, per epoch, the wall
 seconds since training started (training + validation) and the validation NDCG@10, then the
-best validation score and the test metrics of the best epoch's weights.
+best validation score and the test metrics of the best epoch's weights, and each test case's
+user and target rank (`test_cases`) for paired comparisons.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def main(config_path: str, out_path: str) -> None:
     )
     train_seconds = time.perf_counter() - t0
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
+    cases = case_ranks(trainer, test_data, dataset)  # the best epoch's weights, loaded above
     _write(
         out_path,
         {
@@ -74,8 +76,27 @@ def main(config_path: str, out_path: str) -> None:
             "n_train_sequences": len(train_data.dataset),
             "n_items": int(dataset.item_num - 1),
             "n_users": int(dataset.user_num - 1),
+            "test_cases": cases,
         },
     )
+
+
+def case_ranks(trainer, test_data, dataset) -> dict:
+    """Per test case, the user's token (the source user id) and the 0-based rank of its target
+    among all items, scored exactly as RecBole's own full-sort evaluation scores them (its
+    `_full_sort_batch_eval`: padding item -inf, history kept for sequential data): what a paired
+    comparison with another system on the same cases needs. Rank = items scored strictly higher."""
+    uid = trainer.config["USER_ID_FIELD"]
+    users: list[str] = []
+    ranks: list[int] = []
+    trainer.model.eval()
+    with torch.no_grad():
+        for batch in test_data:
+            interaction, scores, pos_u, pos_i = trainer._full_sort_batch_eval(batch)
+            pos = scores[pos_u, pos_i]
+            ranks += (scores[pos_u] > pos[:, None]).sum(1).tolist()
+            users += [str(t) for t in dataset.id2token(uid, interaction[uid][pos_u].cpu().numpy())]
+    return {"user_ids": users, "ranks": ranks}
 
 
 def _write(path: str, obj: dict) -> None:

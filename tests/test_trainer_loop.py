@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from features import store
 from tests.trainer_fixtures import ML_CUT, OFFICE_CUT, warehouse_copy
 from trainer.config import Config, batch_lr, merge
-from trainer.finished_runs import evaluate_run
+from trainer.finished_runs import evaluate_run, load_run
 from trainer.recommend import recommend
 from trainer.stages import finetune, pretrain
 
@@ -123,6 +123,25 @@ def test_evaluate_reproduces_the_final_metrics_and_recommend_prints_titles(wh, t
         r.item_id not in seen and r.title == titles[r.item_id] for r in recs
     )
     assert [r.score for r in recs] == sorted((r.score for r in recs), reverse=True)
+
+
+def test_per_case_ndcg_names_each_case_by_its_source_user(wh, trained) -> None:
+    from trainer.paired import case_ndcg
+
+    _, _, ft = trained
+    cases = case_ndcg(ft.run_id, wh, "test")
+    assert cases.ndcg.mean() == pytest.approx(ft.test["all"]["NDCG@10"], abs=1e-6)
+    with store.connect(wh, create=False, read_only=True) as con:
+        last = dict(
+            con.execute(
+                "SELECT user_id, arg_max(item_id, seq) FROM interactions WHERE dataset = ? "
+                "GROUP BY user_id",
+                [ML_CUT],
+            ).fetchall()
+        )
+    assert sorted(cases.user_ids) == sorted(last)  # one test case per user, by source id
+    item_ids = load_run(ft.run_id, wh).data.item_ids
+    assert all(last[u] == item_ids[t] for u, t in zip(cases.user_ids, cases.targets, strict=True))
 
 
 def test_resume_after_a_kill_ends_with_the_same_metrics(tmp_path: Path) -> None:

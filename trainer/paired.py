@@ -30,10 +30,17 @@ REPRODUCE_TOL = 1e-4
 class CaseNdcg:
     """Per-case NDCG@K of one run on a split, with the cases' identity and subset masks."""
 
-    users: np.ndarray
+    users: np.ndarray  # user indices of the run's data
+    user_ids: np.ndarray  # the same users' source ids (strings): match cases across systems
     targets: np.ndarray
     masks: dict[str, np.ndarray]  # "all", "cold", "unseen"
     ndcg: np.ndarray
+
+
+def ndcg_at_k(ranks: np.ndarray) -> np.ndarray:
+    """Per-case NDCG@K of 0-based ranks of the one relevant item (what metrics_from_ranks means)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks < K, 1.0 / np.log2(ranks + 2.0), 0.0)
 
 
 def case_ndcg(run_id: str, wh: WarehouseConfig | None, split: str = "test") -> CaseNdcg:
@@ -44,8 +51,9 @@ def case_ndcg(run_id: str, wh: WarehouseConfig | None, split: str = "test") -> C
     ranks = rank_cases(ld.model, feats, ld.data, cases, ld.cfg, ld.device).astype(np.float64)
     masks = {"all": np.ones(len(cases), dtype=bool)}
     masks |= subset_masks(cases, ld.data.train_counts(), ld.cfg)
-    ndcg = np.where(ranks < K, 1.0 / np.log2(ranks + 2.0), 0.0)
-    return CaseNdcg(cases.users, cases.targets, masks, ndcg)
+    ndcg = ndcg_at_k(ranks)
+    user_ids = np.asarray(ld.data.user_ids, dtype=object)[cases.users]
+    return CaseNdcg(cases.users, user_ids, cases.targets, masks, ndcg)
 
 
 def bootstrap_gain(
