@@ -272,8 +272,13 @@ def paired_test_gain(ds: str, system: str, rb: dict, wh: WarehouseConfig | None)
         return {"note": "RecBole's part has no per-case ranks (it ran before they were kept)"}
     rb_ndcg = dict(zip(cases["user_ids"], ndcg_at_k(np.asarray(cases["ranks"])), strict=True))
     parts = sorted(PARTS.glob(f"{ds}-{system}-s*.json"))
-    runs = [json.loads(p.read_text())["run_ids"][-1] for p in parts]
-    ours = [case_ndcg(r, wh, "test") for r in runs]
+    ours = []
+    for path in parts:
+        part = json.loads(path.read_text())
+        got = case_ndcg(part["run_ids"][-1], wh, "test")
+        if abs(got.ndcg.mean() - part["test_ndcg10"]) > 1e-4:  # the part is not this checkpoint
+            return {"note": f"{path.name}: its run's checkpoint does not reproduce the part's test"}
+        ours.append(got)
     users = ours[0].user_ids
     if any(list(o.user_ids) != list(users) for o in ours) or set(users) != set(rb_ndcg):
         return {"note": "the systems' test users differ: no paired comparison"}
