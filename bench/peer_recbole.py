@@ -61,7 +61,7 @@ from trainer.experiments import (  # noqa: E402
     train_or_reuse,
     variants,
 )
-from trainer.paired import bootstrap_gain, case_ndcg, ndcg_at_k  # noqa: E402
+from trainer.paired import REPRODUCE_TOL, bootstrap_gain, case_ndcg, ndcg_at_k  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PARTS = RESULTS / "peer.parts"
@@ -276,7 +276,7 @@ def paired_test_gain(ds: str, system: str, rb: dict, wh: WarehouseConfig | None)
     for path in parts:
         part = json.loads(path.read_text())
         got = case_ndcg(part["run_ids"][-1], wh, "test")
-        if abs(got.ndcg.mean() - part["test_ndcg10"]) > 1e-4:  # the part is not this checkpoint
+        if abs(got.ndcg.mean() - part["test_ndcg10"]) > REPRODUCE_TOL:  # not this checkpoint
             return {"note": f"{path.name}: its run's checkpoint does not reproduce the part's test"}
         ours.append(got)
     users = ours[0].user_ids
