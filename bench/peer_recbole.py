@@ -25,7 +25,8 @@ case over every seed in peer.parts; RecBole's ranks are re-scored by its own eva
 Resumable (the whole bench takes hours on 2 cores): each finished (dataset, system) is kept in
 bench/results/peer.parts/ and reused, and our runs have ids derived from their configuration, so
 a killed one resumes from its last checkpoint (`--fresh` redoes everything). A reused part keeps
-the seconds measured when it ran; the JSON records when each part ran.
+the seconds measured when it ran; the JSON records when each part ran. peer.json keeps the
+datasets that an invocation did not run (`--datasets ml-1m` leaves Office's entry as it was).
 
     .venv/bin/python bench/peer_recbole.py                       # both datasets, all systems
     .venv/bin/python bench/peer_recbole.py --datasets amazon-office --systems recbole sasrec
@@ -407,6 +408,10 @@ def main() -> None:
         results["datasets"][ds] = entry
         print(json.dumps({ds: entry["comparison"]}, indent=1), flush=True)
     out = RESULTS / "peer.json"
+    if out.is_file():  # keep the datasets this invocation did not run (ordered as before)
+        before = json.loads(out.read_text()).get("datasets", {})
+        now = results["datasets"]
+        results["datasets"] = {d: now.get(d, e) for d, e in before.items()} | now
     out.write_text(json.dumps(results, indent=1))
     plot(results, RESULTS / "peer.png")
     log(f"wrote {out} and {RESULTS / 'peer.png'}")

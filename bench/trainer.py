@@ -10,14 +10,19 @@ Runs on a warehouse that holds the features of both stages (ingest -> tag -> emb
 
 Sections (all in one process, numbers measured in the same run):
 1. speed: per dataset, seconds per epoch and training samples/s (targets per second) of
-   pre-training and fine-tuning in the all-positions mode, full-ranking evaluation seconds,
+   M2SE pre-training and fine-tuning with the trainer's defaults (sample mode, batch, lr),
+   full-ranking evaluation seconds,
    data loading seconds; peak RSS of the process. Target: ML-1M fine-tune epoch < 60 s on
    2 cores, peak RSS < 4 GB.
 2. learning (ML-1M): 2 epochs of pre-training then 3 of fine-tuning (lr 1e-3); valid and test
    NDCG@10 against the popularity reference.
-3. sample modes (Amazon Office): fine-tuning from scratch with every_prefix (batch 1024 prefixes)
-   and all_positions (batch 128 windows, so both take ~the same number of steps per epoch) for
-   the same epochs; best valid and test NDCG@10 side by side.
+3. sample modes (Amazon Office): fine-tuning from scratch with every_prefix (batch 1024 targets)
+   and all_positions (batch 128 targets; `batch_size` counts targets in every mode since issue
+   #14, so the two no longer take the same number of steps per epoch) for the same epochs; best
+   valid and test NDCG@10 side by side. The default mode (windows) is compared on validation in
+   bench/tune.py's results (docs/trainer.md), not here.
+bench/results/trainer.json was last written on 2026-11-24, by the trainer before issue #14
+(all-positions mode, fine-tuning lr 1e-4): re-run it before quoting it for today's defaults.
 Writes bench/results/trainer.json.
 """
 
