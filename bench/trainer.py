@@ -22,7 +22,7 @@ Sections (all in one process, numbers measured in the same run):
    valid and test NDCG@10 side by side. The default mode (windows) is compared on validation in
    bench/tune.py's results (docs/trainer.md), not here.
 bench/results/trainer.json was last written on 2026-11-24, by the trainer before issue #14
-(all-positions mode, fine-tuning lr 1e-4): re-run it before quoting it for today's defaults.
+(all-positions mode): re-run it before quoting it for today's defaults.
 Writes bench/results/trainer.json.
 """
 
