@@ -231,9 +231,12 @@ def export_recbole(
     The rows are exactly what the trainer reads (`interactions` of the dataset at `snapshot`,
     default the latest), each user's items in `seq` order. The timestamp is the real one made
     strictly increasing per user, t_i = max(ts_i, t_{i-1} + 1) along `seq` (ML-1M has many
-    same-second ratings): RecBole's time ordering then reproduces the per-user order exactly, and
-    the values stay within seconds of the real ones. `.item` lists only items that occur in the
-    interactions, so RecBole ranks the same items as the trainer.
+    same-second ratings), and rows are written in `seq` order: RecBole's time ordering then
+    reproduces the per-user order exactly, even though it sorts float32 copies of the timestamps
+    (Unix seconds rounded to ~64 s; its stable sort keeps the file's order on those ties,
+    bench/recbole_ml1m_order.py), and the values stay within seconds of the real ones. `.item`
+    lists only items that occur in the interactions, so RecBole ranks the same items as the
+    trainer.
     """
     name = name or dataset
     if not name or any(c in name for c in "/\\\t\n"):
