@@ -227,19 +227,46 @@ def _curve(run_id: str, wh: WarehouseConfig | None) -> tuple[list[dict], dict[st
     return curve, test
 
 
+def our_run_ids(
+    dataset: str, seed: int, pre_cfg: Config | None, cfg: Config
+) -> tuple[str | None, str]:
+    """(pre-training run id or None, fine-tuning run id) of our system's configs."""
+    pre_id = run_key("pretrain", dataset, seed, pre_cfg, None) if pre_cfg is not None else None
+    return pre_id, run_key("finetune", dataset, seed, cfg, pre_id)
+
+
+def stored_part(
+    path: Path, dataset: str, system: str, seed: int, threads: int, wh: WarehouseConfig | None
+) -> dict | None:
+    """The part in `path` if it is still what `system` would run today, else None: our parts
+    must hold the run ids of today's configuration (a changed default gives new ids, and an old
+    part would compare yesterday's model); RecBole's part depends on nothing of ours."""
+    if not path.is_file():
+        return None
+    part = json.loads(path.read_text())
+    if system == "recbole":
+        return part
+    want = [
+        r for r in our_run_ids(dataset, seed, *our_configs(dataset, system, threads, seed, wh)) if r
+    ]
+    if part.get("run_ids") != want:
+        log(f"{path.name} holds runs {part.get('run_ids')}, today's settings give {want}: stale")
+        return None
+    return part
+
+
 def run_ours(
     dataset: str, system: str, threads: int, seed: int, wh: WarehouseConfig | None, fresh: bool
 ) -> dict:
     pre_cfg, cfg = our_configs(dataset, system, threads, seed, wh)
-    pre_id, offset, pre_epochs = None, 0.0, 0
+    pre_id, ft_id = our_run_ids(dataset, seed, pre_cfg, cfg)
+    offset, pre_epochs = 0.0, 0
     if pre_cfg is not None:
-        pre_id = run_key("pretrain", dataset, seed, pre_cfg, None)
         log(f"{dataset}: our MSM4SR pre-training ({pre_id})")
         train_or_reuse("pretrain", pre_cfg, pre_id, wh, None, fresh)
         pre_curve, _ = _curve(pre_id, wh)
         offset = pre_curve[-1]["seconds"] if pre_curve else 0.0
         pre_epochs = len(pre_curve)
-    ft_id = run_key("finetune", dataset, seed, cfg, pre_id)
     log(f"{dataset}: {LABELS[system]} fine-tuning ({ft_id})")
     train_or_reuse("finetune", cfg, ft_id, wh, pre_id, fresh)
     curve, test = _curve(ft_id, wh)
@@ -266,20 +293,25 @@ def run_ours(
 
 
 def paired_test_gain(ds: str, system: str, rb: dict, wh: WarehouseConfig | None) -> dict:
-    """Test NDCG@10 of our `system` (per case, the mean over every seed whose part is in
-    peer.parts) against RecBole's on the same users: paired bootstrap (trainer/paired.py)."""
+    """Test NDCG@10 of our `system` (per case, the mean over every seed whose part in peer.parts
+    holds today's settings; stale parts are left out) against RecBole's on the same users: paired
+    bootstrap (trainer/paired.py)."""
     cases = rb.get("test_cases")
     if not cases:
         return {"note": "RecBole's part has no per-case ranks (it ran before they were kept)"}
     rb_ndcg = dict(zip(cases["user_ids"], ndcg_at_k(np.asarray(cases["ranks"])), strict=True))
-    parts = sorted(PARTS.glob(f"{ds}-{system}-s*.json"))
-    ours = []
-    for path in parts:
-        part = json.loads(path.read_text())
+    parts, ours = [], []
+    for path in sorted(PARTS.glob(f"{ds}-{system}-s*.json")):
+        part = stored_part(path, ds, system, int(path.stem.rsplit("-s", 1)[1]), 1, wh)
+        if part is None:
+            continue
+        parts.append(path)
         got = case_ndcg(part["run_ids"][-1], wh, "test")
         if abs(got.ndcg.mean() - part["test_ndcg10"]) > REPRODUCE_TOL:  # not this checkpoint
             return {"note": f"{path.name}: its run's checkpoint does not reproduce the part's test"}
         ours.append(got)
+    if not ours:
+        return {"note": "no part of this system holds today's settings"}
     users = ours[0].user_ids
     if any(list(o.user_ids) != list(users) for o in ours) or set(users) != set(rb_ndcg):
         return {"note": "the systems' test users differ: no paired comparison"}
@@ -379,9 +411,11 @@ def main() -> None:
         entry: dict = {"systems": {}}
         for s in args.systems:
             part_path = PARTS / f"{ds}-{s}-s{args.seed}.json"
-            if part_path.is_file() and not args.fresh:
+            part = (
+                None if args.fresh else stored_part(part_path, ds, s, args.seed, args.threads, wh)
+            )
+            if part is not None:
                 log(f"{ds}: reusing {part_path.name}")
-                part = json.loads(part_path.read_text())
             else:
                 t0 = time.perf_counter()
                 if s == "recbole":
