@@ -1,0 +1,103 @@
+"""Early-stopping patience read off finished runs: best validation score and epochs at patience P.
+
+A run's lr schedule (constant, or x`lr_decay` after every `decay_patience` epochs without a better
+validation score) does not depend on the early-stopping patience, so a run logged with patience
+10 holds, epoch for epoch, the run that patience P < 10 would have trained up to its stop: cut
+its validation curve at the first epoch ending P epochs in a row without a better score. This
+bench does that for groups of finished fine-tuning runs (validation NDCG@10 from the `metrics`
+table, nothing else trained, test never read) and prints, per group and patience, the best
+validation NDCG@10 of each run, their mean, and the epochs each run would have trained.
+
+    .venv/bin/python bench/stop_rule.py --warehouse W --group "SASRec constant" RUN RUN ... \
+        --group "SASRec x0.5 after 2" RUN RUN ...
+
+Writes bench/results/stop-rule.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from features import store  # noqa: E402
+from features.store import WarehouseConfig  # noqa: E402
+
+
+def stop(curve: list[tuple[int, float]], patience: int) -> tuple[float, int, int]:
+    """(best score, its epoch, the epoch training stops at) under `patience`."""
+    best, best_epoch, bad = float("-inf"), 0, 0
+    for epoch, score in curve:
+        if score > best:
+            best, best_epoch, bad = score, epoch, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                return best, best_epoch, epoch
+    return best, best_epoch, curve[-1][0]
+
+
+def curve_of(con, run_id: str) -> tuple[list[tuple[int, float]], int]:
+    """(validation NDCG@10 per epoch, the patience the run was trained with) of a run."""
+    row = con.execute("SELECT config FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if row is None:
+        raise SystemExit(f"no run {run_id!r} in this warehouse")
+    trained = int(json.loads(row[0])["finetune"]["patience"])
+    rows = con.execute(
+        "SELECT epoch, value FROM metrics WHERE run_id = ? AND split = 'valid' AND subset = 'all' "
+        "AND metric = 'NDCG@10' AND epoch > 0 ORDER BY epoch",
+        [run_id],
+    ).fetchall()
+    return [(int(e), float(v)) for e, v in rows], trained
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--warehouse", type=Path, default=None)
+    ap.add_argument(
+        "--group",
+        nargs="+",
+        action="append",
+        required=True,
+        metavar=("NAME", "RUN"),
+        help="a group's name, then its fine-tuning run ids",
+    )
+    ap.add_argument("--patience", type=int, nargs="+", default=[10, 5, 3])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stop-rule.json")
+    args = ap.parse_args()
+    wh = WarehouseConfig(root=args.warehouse) if args.warehouse else WarehouseConfig()
+    res: dict = {"patience": args.patience, "groups": {}}
+    with store.connect(wh, create=False, read_only=True) as con:
+        for name, *runs in args.group:
+            curves = {r: curve_of(con, r) for r in runs}
+            group: dict = {"runs": runs}
+            for p in args.patience:
+                too_long = [r for r, (_, trained) in curves.items() if p > trained]
+                if too_long:
+                    raise SystemExit(f"{too_long} trained with a patience below {p}")
+                stops = [stop(c, p) for c, _ in curves.values()]
+                best = [round(s[0], 4) for s in stops]
+                group[f"patience_{p}"] = {
+                    "best_valid_ndcg10": best,
+                    "mean": round(sum(best) / len(best), 4),
+                    "best_epoch": [s[1] for s in stops],
+                    "epochs_trained": [s[2] for s in stops],
+                    "epochs_total": sum(s[2] for s in stops),
+                }
+                g = group[f"patience_{p}"]
+                print(
+                    f"{name:28s} patience {p:2d}: best valid NDCG@10 {best} mean {g['mean']:.4f}, "
+                    f"epochs {g['epochs_trained']} (total {g['epochs_total']})"
+                )
+            res["groups"][name] = group
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
