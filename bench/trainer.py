@@ -1,28 +1,19 @@
-"""Trainer bench: speed and memory of pre-training, fine-tuning and evaluation; learning checks.
+"""Trainer bench: speed and memory of each training stage with today's defaults; a learning check.
 
-Runs on a warehouse that holds the features of both stages (ingest -> tag -> embed), e.g.
+Runs on a warehouse that holds the features of both stages, e.g.
 
-    msm4sr ingest movielens /work/shared/datasets/movielens-1m
-    msm4sr ingest amazon-office /work/shared/datasets/amazon-office
-    msm4sr tag --dataset ml-1m
-    msm4sr embed --dataset ml-1m && msm4sr embed --dataset amazon-office
-    .venv/bin/python bench/trainer.py            # --warehouse DIR, --threads 2, --skip-quality
+    msm4sr features --source movielens && msm4sr features --source amazon-office
+    .venv/bin/python bench/trainer.py            # --warehouse DIR, --threads 2, --epochs 2
 
-Sections (all in one process, numbers measured in the same run):
-1. speed: per dataset, seconds per epoch and training samples/s (targets per second) of
-   M2SE pre-training and fine-tuning with the trainer's defaults (sample mode, batch, lr),
-   full-ranking evaluation seconds,
-   data loading seconds; peak RSS of the process. Target: ML-1M fine-tune epoch < 60 s on
-   2 cores, peak RSS < 4 GB.
-2. learning (ML-1M): 2 epochs of pre-training then 3 of fine-tuning (lr 1e-3); valid and test
-   NDCG@10 against the popularity reference.
-3. sample modes (Amazon Office): fine-tuning from scratch with every_prefix (batch 1024 targets)
-   and all_positions (batch 128 targets; `batch_size` counts targets in every mode since issue
-   #14, so the two no longer take the same number of steps per epoch) for the same epochs; best
-   valid and test NDCG@10 side by side. The default mode (windows) is compared on validation in
-   bench/tune.py's results (docs/trainer.md), not here.
-bench/results/trainer.json was last written on 2026-11-24, by the trainer before issue #14
-(all-positions mode): re-run it before quoting it for today's defaults.
+For each dataset and each stage the report trains (M2SE pre-training, M2SE fine-tuning from
+scratch, SASRec fine-tuning), with the architecture's own defaults (trainer/config.py: windows
+sample mode, batch in targets by the dataset, lr by the batch), all in one process and measured
+in the same run: seconds per epoch and targets per second (median of `--epochs` epochs), steps
+per epoch, validation seconds (full ranking), peak RSS; then, as a learning check, validation
+NDCG@10 after those epochs against the popularity reference (validation only: the test split
+is never read here). Quality against time to the early stop is measured by bench/tune.py and
+bench/peer_recbole.py; the sample modes are compared in docs/trainer.md.
+Targets: ML-1M fine-tuning epoch < 60 s on 2 cores (SASRec), peak RSS < 4 GB.
 Writes bench/results/trainer.json.
 """
 
@@ -44,119 +35,75 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from features.store import WarehouseConfig  # noqa: E402
-from trainer.config import Config, merge  # noqa: E402
+from trainer.config import Config, resolve  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
-from trainer.stages import finetune, pretrain  # noqa: E402
+from trainer.evaluation import eval_cases, popularity_metrics  # noqa: E402
 from trainer.trainer import Trainer  # noqa: E402
+
+# (name, architecture, stage) of each measured stage.
+STAGES = (
+    ("M2SE pre-training", "m2se", "pretrain"),
+    ("M2SE fine-tuning", "m2se", "finetune"),
+    ("SASRec fine-tuning", "sasrec", "finetune"),
+)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cfg_for(dataset: str, threads: int, **sections: dict) -> Config:
-    base: dict = {
-        "data": {"dataset": dataset},
-        "runtime": {"progress": True, "device": "cpu", "threads": threads},
-    }
-    for k, v in sections.items():
-        base.setdefault(k, {}).update(v)
-    return merge(Config(), base)
+def cfg_for(dataset: str, arch: str, threads: int) -> Config:
+    """The defaults of `arch` (as plain `msm4sr finetune --set model.arch=...`), on CPU."""
+    return resolve(
+        [
+            {
+                "data": {"dataset": dataset},
+                "model": {"arch": arch},
+                "runtime": {"progress": False, "device": "cpu", "threads": threads},
+            }
+        ]
+    )
 
 
-def speed(dataset: str, wh: WarehouseConfig, threads: int, epochs: int) -> dict:
-    cfg = cfg_for(dataset, threads)
+def measure(dataset: str, wh: WarehouseConfig, threads: int, epochs: int) -> dict:
+    cfg = cfg_for(dataset, "m2se", threads)
     t0 = time.perf_counter()
     data = load_dataset(cfg.data, wh)
-    load_s = time.perf_counter() - t0
     out: dict = {
         "n_users": data.n_users,
         "n_items": data.n_items,
         "n_interactions": int(len(data.items)),
-        "load_seconds": round(load_s, 2),
+        "load_seconds": round(time.perf_counter() - t0, 2),
         "rss_after_load_mb": round(peak_rss_mb(), 1),
     }
-    for stage in ("pretrain", "finetune"):
-        tr = Trainer(cfg, data, stage, wh)
-        secs, rates = [], []
+    pop = popularity_metrics(data, eval_cases(data, "valid"), cfg, data.train_counts())
+    out["popularity_valid_NDCG@10"] = round(pop["all"]["NDCG@10"], 4)
+    for name, arch, stage in STAGES:
+        tr = Trainer(cfg_for(dataset, arch, threads), data, stage, wh)
+        secs, rates, steps = [], [], []
         for e in range(1, epochs + 1):
             st = tr.train_epoch(e)
             secs.append(st["epoch_seconds"])
             rates.append(st["samples_per_s"])
+            steps.append(-(-tr.samples.n_targets // tr.batch))
         t1 = time.perf_counter()
-        tr.evaluate("valid")
-        eval_s = time.perf_counter() - t1
-        out[stage] = {
+        valid = tr.evaluate("valid")
+        row = {
             "epoch_seconds": round(statistics.median(secs), 2),
-            "samples_per_s": round(statistics.median(rates)),
+            "targets_per_s": round(statistics.median(rates)),
             "targets_per_epoch": int(tr.samples.n_targets),
-            "batch_size": tr.batch,
-            "batches_per_epoch": -(-tr.samples.n_targets // tr.batch),
-            "eval_valid_seconds": round(eval_s, 2),
+            "batch_targets": tr.batch,
+            "lr": tr.tcfg.lr,
+            "steps_per_epoch": steps[-1],
+            "valid_seconds": round(time.perf_counter() - t1, 2),
+            f"valid_NDCG@10_after_{epochs}_epochs": round(valid["all"]["NDCG@10"], 4),
+            "over_popularity": round(
+                valid["all"]["NDCG@10"] / max(pop["all"]["NDCG@10"], 1e-12), 2
+            ),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
         }
-        print(f"[{dataset}] {stage}: {out[stage]}", flush=True)
-    out["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    return out
-
-
-def learning(wh: WarehouseConfig, threads: int, pre_epochs: int, ft_epochs: int) -> dict:
-    # Fine-tuning at lr 1e-3 (PAPER.md's grid: {1e-4, 1e-3}) so that a few epochs show learning.
-    cfg = cfg_for(
-        "ml-1m",
-        threads,
-        pretrain={"max_epochs": pre_epochs},
-        finetune={"max_epochs": ft_epochs, "lr": 1e-3},
-    )
-    t0 = time.perf_counter()
-    pre = pretrain(cfg, wh)
-    ft = finetune(cfg, wh, from_run=pre.run_id)
-    res = {
-        "pretrain_run": pre.run_id,
-        "finetune_run": ft.run_id,
-        "pretrain_epochs": pre_epochs,
-        "finetune_epochs": ft_epochs,
-        "pretrain_valid_NDCG@10": pre.valid["all"]["NDCG@10"],
-        "finetune_valid_NDCG@10": ft.valid["all"]["NDCG@10"],
-        "finetune_test": {
-            k: ft.test["all"][k] for k in ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "MRR@10")
-        },
-        "finetune_test_cold_NDCG@10": ft.test.get("cold", {}).get("NDCG@10"),
-        "popularity_valid_NDCG@10": ft.popularity["valid"]["all"]["NDCG@10"],
-        "popularity_test": {
-            k: ft.popularity["test"]["all"][k]
-            for k in ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "MRR@10")
-        },
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    res["valid_NDCG@10_over_popularity"] = round(
-        res["finetune_valid_NDCG@10"] / max(res["popularity_valid_NDCG@10"], 1e-12), 2
-    )
-    print(f"[learning] {res}", flush=True)
-    return res
-
-
-def sample_modes(wh: WarehouseConfig, threads: int, epochs: int) -> dict:
-    out = {}
-    for mode, batch in (("all_positions", 128), ("every_prefix", 1024)):
-        cfg = cfg_for(
-            "amazon-office",
-            threads,
-            finetune={"max_epochs": epochs, "sample_mode": mode, "batch_size": batch, "lr": 1e-3},
-        )
-        t0 = time.perf_counter()
-        ft = finetune(cfg, wh)
-        out[mode] = {
-            "batch_size": batch,
-            "best_epoch": ft.best_epoch,
-            "valid_NDCG@10": ft.valid["all"]["NDCG@10"],
-            "test_NDCG@10": ft.test["all"]["NDCG@10"],
-            "test_Recall@10": ft.test["all"]["Recall@10"],
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
-        print(f"[modes] {mode}: {out[mode]}", flush=True)
-    a, e = out["all_positions"]["test_NDCG@10"], out["every_prefix"]["test_NDCG@10"]
-    out["test_NDCG@10_ratio_all_positions_over_every_prefix"] = round(a / max(e, 1e-12), 3)
-    out["popularity_test_NDCG@10"] = ft.popularity["test"]["all"]["NDCG@10"]
+        out[name] = row
+        print(f"[{dataset}] {name}: {row}", flush=True)
     return out
 
 
@@ -169,13 +116,8 @@ def main() -> None:
         help="warehouse root (default: MSM4SR_WAREHOUSE or ./warehouse)",
     )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--epochs", type=int, default=2, help="timed epochs per stage (median reported)"
-    )
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per stage (median)")
     ap.add_argument("--datasets", nargs="+", default=["ml-1m", "amazon-office"])
-    ap.add_argument("--skip-quality", action="store_true", help="only the speed section")
-    ap.add_argument("--learn-epochs", type=int, nargs=2, default=(2, 3), metavar=("PRE", "FT"))
-    ap.add_argument("--mode-epochs", type=int, default=10)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "trainer.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -187,23 +129,20 @@ def main() -> None:
             "platform": platform.platform(),
             "torch": torch.__version__,
         },
-        "mode": "all_positions",
-        "speed": {},
+        "ran_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "defaults": "each architecture's own (trainer/config.py ARCH_DEFAULTS), windows mode",
+        "datasets": {},
     }
     for ds in args.datasets:
-        res["speed"][ds] = speed(ds, wh, args.threads, args.epochs)
-    if "ml-1m" in res["speed"]:
-        ft = res["speed"]["ml-1m"]["finetune"]["epoch_seconds"]
+        res["datasets"][ds] = measure(ds, wh, args.threads, args.epochs)
+    if "ml-1m" in res["datasets"]:
+        ft = res["datasets"]["ml-1m"]["SASRec fine-tuning"]["epoch_seconds"]
         res["targets"] = {
-            "ml1m_finetune_epoch_seconds": ft,
-            "ml1m_finetune_epoch_under_60s": ft < 60,
+            "ml1m_sasrec_epoch_seconds": ft,
+            "ml1m_sasrec_epoch_under_60s": ft < 60,
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_rss_under_4GB": peak_rss_mb() < 4096,
         }
-    if not args.skip_quality:
-        res["learning_ml1m"] = learning(wh, args.threads, *args.learn_epochs)
-        res["sample_modes_office"] = sample_modes(wh, args.threads, args.mode_epochs)
-    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))

@@ -251,7 +251,7 @@ def test_cli_pretrain_finetune_recommend(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no-such-run" in r.output
 
 
-@pytest.mark.slow  # covered by bench/trainer.py (quality section)
+@pytest.mark.slow  # covered by bench/trainer.py (its learning check against popularity)
 def test_overfits_fifty_sequences(tmp_path: Path) -> None:
     """End-to-end learning check: 50 users' sequences are memorised (train targets ranked near top)."""
     import numpy as np
