@@ -36,7 +36,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.append(str(REPO / "bench"))  # after REPO: bench/trainer.py must not shadow trainer/
+
+from pipeline.sources.recbole import INTER_HEADER  # noqa: E402
+from trainer.paired import ndcg_at_k  # noqa: E402
 
 RATINGS = REPO.parent / "shared" / "datasets" / "movielens-1m" / "ratings.dat"
 
@@ -75,14 +78,13 @@ def markov_ndcg10(seqs: list[np.ndarray], n_items: int) -> dict[str, float]:
             row[b] += 1
     out = {}
     for split, back in (("valid", 2), ("test", 1)):
-        gains = []
+        ranks = []
         for s in seqs:
             target, prev = s[-back], s[-back - 1]
             scores = trans.get(int(prev), np.zeros(n_items)) + pop / (pop.max() + 1)
             scores[0] = -np.inf
-            rank = int((scores > scores[target]).sum())
-            gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
-        out[split] = round(float(np.mean(gains)), 4)
+            ranks.append(int((scores > scores[target]).sum()))
+        out[split] = round(float(ndcg_at_k(np.array(ranks)).mean()), 4)
     return out
 
 
@@ -90,7 +92,7 @@ def write_atomic(users: np.ndarray, items: np.ndarray, ts: np.ndarray, folder: P
     """`ratings.dat` as a RecBole atomic file, in the file's own row order."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{folder.name}.inter"
-    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    lines = [INTER_HEADER]
     lines += [f"{u}\t{i}\t{t}" for u, i, t in zip(users, items, ts, strict=True)]
     path.write_text("\n".join(lines) + "\n")
     return folder
