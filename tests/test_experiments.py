@@ -140,11 +140,18 @@ def test_run_ids_follow_the_configuration() -> None:
     assert run_key("pretrain", "x", 1, a, None) == run_key("pretrain", "x", 1, c, None)
     p = Config.from_dict({"data": {"dataset": "x"}, "pretrain": {"lr": 0.5}})
     assert run_key("pretrain", "x", 1, a, None) != run_key("pretrain", "x", 1, p, None)
-    # The lr decay is a setting like any other once it is on; off (a constant lr), it leaves
-    # the ids of the runs made before it existed as they were (these two were computed then).
-    d = Config.from_dict({"data": {"dataset": "x"}, "finetune": {"lr_decay": 0.5}})
-    assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, d, None)
-    assert run_key("finetune", "x", 1, a, None) == "x-fin-x-s1-7cd4ef3d1e"
+    # The lr decay is a setting like any other once it is on; off (a constant lr, patience 10:
+    # the fine-tuning defaults before the twelfth session), it leaves the ids of the runs made
+    # before it existed as they were (these two were computed then).
+    old = Config.from_dict(
+        {
+            "data": {"dataset": "x"},
+            "runtime": {"device": "cpu"},
+            "finetune": {"lr_decay": 1.0, "decay_patience": 3, "patience": 10},
+        }
+    )
+    assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, old, None)
+    assert run_key("finetune", "x", 1, old, None) == "x-fin-x-s1-7cd4ef3d1e"
     assert run_key("pretrain", "x", 1, a, None) == "x-pre-x-s1-5c4ce80537"
 
 
