@@ -332,7 +332,8 @@ def test_the_lr_decays_after_each_plateau_of_decay_patience_epochs(wh) -> None:
         (False, 0.125),
     ]
     assert (tr.best, tr.best_epoch, tr.bad_epochs) == (0.12, 4, 4)
-    constant = Trainer(_cfg(model={"arch": "sasrec"}), load_dataset(cfg.data, wh), "finetune", wh)
+    flat = _cfg(model={"arch": "sasrec"}, finetune={"lr_decay": 1.0})  # a constant lr
+    constant = Trainer(flat, load_dataset(cfg.data, wh), "finetune", wh)
     for epoch in range(1, 6):
         constant.record_score(0.0, epoch)
     assert constant.opt.param_groups[0]["lr"] == constant.tcfg.lr
