@@ -140,9 +140,13 @@ def test_run_ids_follow_the_configuration() -> None:
     assert run_key("pretrain", "x", 1, a, None) == run_key("pretrain", "x", 1, c, None)
     p = Config.from_dict({"data": {"dataset": "x"}, "pretrain": {"lr": 0.5}})
     assert run_key("pretrain", "x", 1, a, None) != run_key("pretrain", "x", 1, p, None)
+    # ... and pre-training settings cannot change a fine-tuning that has no parent.
+    assert run_key("finetune", "x", 1, a, None) == run_key("finetune", "x", 1, p, None)
+    assert run_key("finetune", "x", 1, a, "parent") != run_key("finetune", "x", 1, p, "parent")
     # The lr decay is a setting like any other once it is on; off (a constant lr, patience 10:
     # the fine-tuning defaults before the twelfth session), it leaves the ids of the runs made
-    # before it existed as they were (these two were computed then).
+    # before it existed as they were (these two were computed then; a parentless fine-tuning's id
+    # lost its pre-training section in the thirteenth session, so this one has a parent).
     old = Config.from_dict(
         {
             "data": {"dataset": "x"},
@@ -151,7 +155,8 @@ def test_run_ids_follow_the_configuration() -> None:
         }
     )
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, old, None)
-    assert run_key("finetune", "x", 1, old, None) == "x-fin-x-s1-7cd4ef3d1e"
+    parent = "x-pre-x-s1-5c4ce80537"
+    assert run_key("finetune", "x", 1, old, parent) == "x-fin-x-s1-48d48e37f0"
     assert run_key("pretrain", "x", 1, a, None) == "x-pre-x-s1-5c4ce80537"
 
 

@@ -183,12 +183,16 @@ def _strip(cfg: Config) -> dict[str, Any]:
 
 
 def run_key(kind: str, dataset: str, seed: int, cfg: Config, parent: str | None) -> str:
-    """Deterministic run id: same configuration + parent -> same id (reuse / resume). A
-    pre-training run's id leaves out the fine-tuning section, which cannot change it: runs that
-    differ only in fine-tuning share their pre-training."""
+    """Deterministic run id: same configuration + parent -> same id (reuse / resume). An id
+    leaves out the section that cannot change its run: a pre-training's the fine-tuning section
+    (runs that differ only in fine-tuning share their pre-training), a fine-tuning without a
+    parent (SASRec, "no pre-training") the pre-training section (a report that caps pre-training
+    reuses them). A fine-tuning with a parent keeps it: the parent's id already follows it."""
     d = _strip(cfg)
     if kind == "pretrain":
         d.pop("finetune")
+    elif parent is None:
+        d.pop("pretrain")
     blob = json.dumps({"kind": kind, "cfg": d, "parent": parent}, sort_keys=True)
     h = hashlib.sha256(blob.encode()).hexdigest()[:10]
     return f"x-{kind[:3]}-{dataset}-s{seed}-{h}"
