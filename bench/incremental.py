@@ -21,7 +21,9 @@ from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-ML = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared" / "datasets" / "movielens-1m"
+ML = (
+    Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared" / "datasets" / "movielens-1m"
+)
 
 
 def copy_ml(dest: Path) -> Path:
@@ -38,7 +40,14 @@ def add_new_items(dest: Path, fraction: float = 0.01, seed: int = 0) -> int:
     rng = random.Random(seed)
     movies = (dest / "movies.dat").read_bytes().decode("latin-1").splitlines()
     n_new = max(1, round(len(movies) * fraction))
-    base_ids = rng.sample([ln.split("::")[0] for ln in movies if (dest / "posters" / f"{ln.split('::')[0]}.jpg").exists()], n_new)
+    base_ids = rng.sample(
+        [
+            ln.split("::")[0]
+            for ln in movies
+            if (dest / "posters" / f"{ln.split('::')[0]}.jpg").exists()
+        ],
+        n_new,
+    )
     by_id = {ln.split("::")[0]: ln for ln in movies}
     users = [str(u) for u in range(1, 6041)]
     new_movies, new_ratings = [], []

@@ -17,7 +17,9 @@ from features.store import WarehouseConfig  # noqa: E402
 from pipeline.ingest import ingest  # noqa: E402
 from pipeline.sources.movielens import read_movielens  # noqa: E402
 
-ML = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared" / "datasets" / "movielens-1m"
+ML = (
+    Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared" / "datasets" / "movielens-1m"
+)
 
 
 def main() -> None:

@@ -63,7 +63,9 @@ def run_one(workers: int, threads: int, tmp: Path, ml: Path) -> dict:
     os.environ["MSM4SR_WAREHOUSE"] = str(root)
     load0 = os.getloadavg()
     t = time.perf_counter()
-    s = features_flow(path=str(ml), dataset=DATASET, task_runner="dask", workers=workers, threads=threads)
+    s = features_flow(
+        path=str(ml), dataset=DATASET, task_runner="dask", workers=workers, threads=threads
+    )
     flow_s = time.perf_counter() - t
     runs = stage_runs(root)
     tag, emb = runs["tag"], runs["embed"]
@@ -79,7 +81,9 @@ def run_one(workers: int, threads: int, tmp: Path, ml: Path) -> dict:
     tag_cpu, tag_cpu0 = cpu(tag)
     emb_cpu, emb_cpu0 = cpu(emb)
     tag_start = max(sh["seconds"].get("startup", 0.0) for sh in tag["shards"])
-    emb_start = max(sh["seconds"].get("read", 0) + sh["seconds"].get("load_model", 0) for sh in emb["shards"])
+    emb_start = max(
+        sh["seconds"].get("read", 0) + sh["seconds"].get("load_model", 0) for sh in emb["shards"]
+    )
     out = {
         "workers": workers,
         "threads_per_worker": threads,
@@ -162,7 +166,14 @@ def summarise(runs: list[dict]) -> dict:
     if 1 in by_n and 2 in by_n:
         ratio = {
             k: round(by_n[2][k] / by_n[1][k], 3)
-            for k in ("images_per_s", "strings_per_s", "items_per_s", "images_per_s_after_startup", "strings_per_s_after_startup", "cores_used")
+            for k in (
+                "images_per_s",
+                "strings_per_s",
+                "items_per_s",
+                "images_per_s_after_startup",
+                "strings_per_s_after_startup",
+                "cores_used",
+            )
         }
         # Throughput per core received: 1.0 = sharding costs nothing; the measured ratio is this
         # times the ratio of cores the host gave the two runs.
@@ -192,16 +203,24 @@ def summarise(runs: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--threads", type=int, default=1, help="torch / ONNX Runtime threads per worker")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch / ONNX Runtime threads per worker"
+    )
     ap.add_argument("--movielens", type=Path, default=DEFAULT_ML1M)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
-    ap.add_argument("--recompute", action="store_true", help="no runs: redo ratios and estimate from --out's runs")
+    ap.add_argument(
+        "--recompute",
+        action="store_true",
+        help="no runs: redo ratios and estimate from --out's runs",
+    )
     args = ap.parse_args()
     if args.recompute:
         runs = json.loads(args.out.read_text())["runs"]
     else:
         if not (args.movielens / "movies.dat").is_file():
-            sys.exit(f"MovieLens-1M not found at {args.movielens} (movies.dat, ratings.dat, posters/)")
+            sys.exit(
+                f"MovieLens-1M not found at {args.movielens} (movies.dat, ratings.dat, posters/)"
+            )
         tmp = Path(tempfile.mkdtemp(prefix="msm4sr-scale-"))
         # Before flows is imported: Prefect's state and the warehouses in the temporary folder.
         os.environ["MSM4SR_WAREHOUSE"] = str(tmp / "wh")

@@ -90,7 +90,10 @@ def main() -> None:
         "torch F.dropout": median_seconds(lambda: F.dropout(x, 0.2, True), 21),
         "trainer.layers.dropout": median_seconds(lambda: layers.dropout(x, 0.2, True), 21),
     }
-    print("dropout p=0.2 on [3707, 8, 64], ms: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in kernels.items()))
+    print(
+        "dropout p=0.2 on [3707, 8, 64], ms: "
+        + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in kernels.items())
+    )
 
     fns = step_fns(args.dataset, args.batch)
     ours = layers.dropout
@@ -100,8 +103,14 @@ def main() -> None:
         native = median_seconds(fn, args.steps)
         layers.dropout = ours
         fast = median_seconds(fn, args.steps)
-        steps[name] = {"torch_dropout_s": native, "trainer_dropout_s": fast, "speedup": native / fast}
-        print(f"{name}: {native:.3f} s with torch's dropout, {fast:.3f} s with the trainer's ({native / fast:.2f}x)")
+        steps[name] = {
+            "torch_dropout_s": native,
+            "trainer_dropout_s": fast,
+            "speedup": native / fast,
+        }
+        print(
+            f"{name}: {native:.3f} s with torch's dropout, {fast:.3f} s with the trainer's ({native / fast:.2f}x)"
+        )
 
     result = {
         "dataset": args.dataset,

@@ -56,8 +56,13 @@ def log_run(
     rows = report.rows if report else []
     run = pl.DataFrame(
         {
-            "run_id": [run_id], "stage": [stage], "dataset": [dataset], "started_at": [started],
-            "finished_at": [datetime.now(UTC)], "status": [status], "summary": [summary],
+            "run_id": [run_id],
+            "stage": [stage],
+            "dataset": [dataset],
+            "started_at": [started],
+            "finished_at": [datetime.now(UTC)],
+            "status": [status],
+            "summary": [summary],
             "snapshot_id": [snapshot_id],
         },
         schema_overrides={"snapshot_id": pl.Int64},
@@ -72,10 +77,18 @@ def log_run(
             "n": [r.n for r in rows],
             "example": [r.example for r in rows],
         },
-        schema={"run_id": pl.String, "dataset": pl.String, "stage": pl.String, "check_name": pl.String, "action": pl.String, "n": pl.Int64, "example": pl.String},
+        schema={
+            "run_id": pl.String,
+            "dataset": pl.String,
+            "stage": pl.String,
+            "check_name": pl.String,
+            "action": pl.String,
+            "n": pl.Int64,
+            "example": pl.String,
+        },
     )
     # The same check can be reported twice by one run (e.g. two files): sum them.
-    rep = rep.group_by("run_id", "dataset", "stage", "check_name", "action", maintain_order=True).agg(
-        pl.col("n").sum(), pl.col("example").first()
-    )
+    rep = rep.group_by(
+        "run_id", "dataset", "stage", "check_name", "action", maintain_order=True
+    ).agg(pl.col("n").sum(), pl.col("example").first())
     store.write(con, [Write("pipeline_runs", run), Write("data_report", rep)])

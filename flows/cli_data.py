@@ -21,7 +21,10 @@ from pipeline.sources.base import RawSource
 from pipeline.sources.generic import ColumnMap, read_generic
 from pipeline.validate import validate
 
-ingest_app = typer.Typer(help="Load a raw dataset into the warehouse (items, interactions, item_images).", no_args_is_help=True)
+ingest_app = typer.Typer(
+    help="Load a raw dataset into the warehouse (items, interactions, item_images).",
+    no_args_is_help=True,
+)
 
 MinUser = Annotated[int, typer.Option(help="keep users with at least this many interactions")]
 Progress = Annotated[bool, typer.Option(help="progress bar (image downloads) on stderr")]
@@ -71,7 +74,12 @@ def run_ingest(
 
 @ingest_app.command("movielens")
 def ingest_movielens(
-    path: Annotated[Path | None, typer.Argument(help="folder with ratings.dat, movies.dat, posters/ (default: DATA/movielens-1m)")] = None,
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="folder with ratings.dat, movies.dat, posters/ (default: DATA/movielens-1m)"
+        ),
+    ] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "ml-1m",
     min_user: MinUser = 5,
     progress: Progress = True,
@@ -83,7 +91,9 @@ def ingest_movielens(
 
 @ingest_app.command("amazon")
 def ingest_amazon(
-    reviews: Annotated[Path, typer.Argument(help="reviews_*.json(.gz) (2014/2018) or <Category>.jsonl(.gz) (2023)")],
+    reviews: Annotated[
+        Path, typer.Argument(help="reviews_*.json(.gz) (2014/2018) or <Category>.jsonl(.gz) (2023)")
+    ],
     meta: Annotated[Path, typer.Argument(help="meta_*.json(.gz) / meta_*.jsonl(.gz)")],
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "amazon",
     min_user: MinUser = 5,
@@ -107,7 +117,9 @@ def ingest_generic(
     title_col: str | None = "title",
     text_col: str | None = None,
     categories_col: str | None = None,
-    images_col: Annotated[str | None, typer.Option(help="column of image paths/URLs, '|'-separated")] = None,
+    images_col: Annotated[
+        str | None, typer.Option(help="column of image paths/URLs, '|'-separated")
+    ] = None,
     rating_min: Annotated[float | None, typer.Option(help="ratings below are dropped")] = 0.0,
     rating_max: Annotated[float | None, typer.Option(help="ratings above are dropped")] = None,
     min_user: MinUser = 5,
@@ -128,19 +140,28 @@ def ingest_generic(
         rating_min=rating_min,
         rating_max=rating_max,
     )
-    run_ingest(lambda: read_generic(interactions, items, dataset, cols), min_user, progress, allow_deletes)
+    run_ingest(
+        lambda: read_generic(interactions, items, dataset, cols), min_user, progress, allow_deletes
+    )
 
 
 @ingest_app.command("amazon-office")
 def ingest_office(
-    path: Annotated[Path | None, typer.Argument(help="folder with interactions.csv, items.tsv (default: DATA/amazon-office)")] = None,
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="folder with interactions.csv, items.tsv (default: DATA/amazon-office)"
+        ),
+    ] = None,
     dataset: Annotated[str, typer.Option(help="dataset name in the warehouse")] = "amazon-office",
     min_user: MinUser = 5,
     progress: Progress = True,
     allow_deletes: AllowDeletes = False,
 ) -> None:
     """The Amazon Office text-only dataset of ../shared/datasets (generic adapter preset)."""
-    run_ingest(lambda: read_source("amazon-office", path, dataset), min_user, progress, allow_deletes)
+    run_ingest(
+        lambda: read_source("amazon-office", path, dataset), min_user, progress, allow_deletes
+    )
 
 
 def sql(
@@ -175,10 +196,17 @@ def tables() -> None:
         with store.connect(WarehouseConfig(), create=False, read_only=True) as con:
             counts = store.table_counts(con)
             snap = store.snapshot_id(con)
-            views = [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE database_name = 'lake' ORDER BY 1").fetchall()]
+            views = [
+                r[0]
+                for r in con.execute(
+                    "SELECT view_name FROM duckdb_views() WHERE database_name = 'lake' ORDER BY 1"
+                ).fetchall()
+            ]
     except WarehouseError as e:
         fail(str(e))
-    print_rows(["table", "rows"], counts, title=f"warehouse {WarehouseConfig().location} (snapshot {snap})")
+    print_rows(
+        ["table", "rows"], counts, title=f"warehouse {WarehouseConfig().location} (snapshot {snap})"
+    )
     console.print("views: " + ", ".join(views))
 
 

@@ -17,7 +17,9 @@ from pipeline.ingest import REFUSALS
 if TYPE_CHECKING:
     from pipeline.sources.config import SourceSpec
 
-server_app = typer.Typer(help="A local Prefect server (scheduler + UI) for `msm4sr serve`.", no_args_is_help=True)
+server_app = typer.Typer(
+    help="A local Prefect server (scheduler + UI) for `msm4sr serve`.", no_args_is_help=True
+)
 
 # The demo's training budget, in seconds of training + validation per stage (an epoch starts
 # only if it should end within it; the best epoch is still chosen by validation): the whole demo
@@ -44,7 +46,9 @@ SourceName = Annotated[
 ]
 SourceFile = Annotated[
     Path | None,
-    typer.Option(help="sources YAML: one source, or `sources:` NAME: ... (pipeline/sources/config.py)"),
+    typer.Option(
+        help="sources YAML: one source, or `sources:` NAME: ... (pipeline/sources/config.py)"
+    ),
 ]
 
 
@@ -64,15 +68,31 @@ def _check_source(
 def features(
     source: SourceName = None,
     source_file: SourceFile = None,
-    path: Annotated[Path | None, typer.Option(help="source folder instead of the configured one")] = None,
-    dataset: Annotated[str | None, typer.Option(help="dataset name instead of the configured one")] = None,
+    path: Annotated[
+        Path | None, typer.Option(help="source folder instead of the configured one")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="dataset name instead of the configured one")
+    ] = None,
     tag: Annotated[bool, typer.Option(help="run stage 1 (image tagging)")] = True,
     embed: Annotated[bool, typer.Option(help="run stage 2 (BERT embedding)")] = True,
-    task_runner: Annotated[str | None, typer.Option(help="local (one process) | dask; env MSM4SR_TASK_RUNNER")] = None,
-    workers: Annotated[int | None, typer.Option(help="local Dask cluster workers (implies dask); env MSM4SR_WORKERS")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler tcp://HOST:8786; env MSM4SR_DASK_ADDRESS")] = None,
-    shards: Annotated[int | None, typer.Option(help="shards per stage (default: one per Dask worker thread)")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch/ONNX Runtime threads per Dask worker")] = None,
+    task_runner: Annotated[
+        str | None, typer.Option(help="local (one process) | dask; env MSM4SR_TASK_RUNNER")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="local Dask cluster workers (implies dask); env MSM4SR_WORKERS"),
+    ] = None,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="existing Dask scheduler tcp://HOST:8786; env MSM4SR_DASK_ADDRESS"),
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option(help="shards per stage (default: one per Dask worker thread)")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="torch/ONNX Runtime threads per Dask worker")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="progress bars on stderr (local stages)")] = True,
     allow_deletes: AllowDeletes = False,
 ) -> None:
@@ -82,7 +102,13 @@ def features(
 
     if workers is not None and task_runner is None:
         task_runner = "dask"
-    cluster = dict(task_runner=task_runner, workers=workers, dask_address=dask_address, shards=shards, threads=threads)
+    cluster = dict(
+        task_runner=task_runner,
+        workers=workers,
+        dask_address=dask_address,
+        shards=shards,
+        threads=threads,
+    )
     try:  # a bad value fails here, before Prefect starts
         ClusterConfig(**{k.replace("dask_", ""): v for k, v in cluster.items() if v is not None})
     except ValueError as e:
@@ -126,15 +152,24 @@ def print_metrics(evaluate_run: str, ks: tuple[int, ...] = (10, 20)) -> None:
             table.setdefault((model, subset), {})[metric] = value
     print_rows(
         ["model", "test cases", *wanted],
-        [(m, s, *[f"{v.get(w, float('nan')):.4f}" for w in wanted]) for (m, s), v in sorted(table.items())],
+        [
+            (m, s, *[f"{v.get(w, float('nan')):.4f}" for w in wanted])
+            for (m, s), v in sorted(table.items())
+        ],
         title=f"test metrics (full ranking over all items), run {evaluate_run}",
     )
 
 
 def demo(
-    full: Annotated[bool, typer.Option(help="train both stages to early stopping (no time budget)")] = False,
-    pretrain_epochs: Annotated[int | None, typer.Option(help="override the pre-training epochs")] = None,
-    finetune_epochs: Annotated[int | None, typer.Option(help="override the fine-tuning epochs")] = None,
+    full: Annotated[
+        bool, typer.Option(help="train both stages to early stopping (no time budget)")
+    ] = False,
+    pretrain_epochs: Annotated[
+        int | None, typer.Option(help="override the pre-training epochs")
+    ] = None,
+    finetune_epochs: Annotated[
+        int | None, typer.Option(help="override the fine-tuning epochs")
+    ] = None,
     user: Annotated[str, typer.Option(help="user to recommend for at the end")] = "1",
     progress: Annotated[bool, typer.Option(help="progress bars on stderr")] = True,
 ) -> None:
@@ -160,10 +195,14 @@ def demo(
     console.rule("[bold]2/3 train flow: pretrain -> finetune -> evaluate")
     if not progress:
         epoch_lines()
-    budget = {} if full else {
-        "pretrain": {"max_seconds": DEMO_PRETRAIN_SECONDS},
-        "finetune": {"max_seconds": DEMO_FINETUNE_SECONDS},
-    }
+    budget = (
+        {}
+        if full
+        else {
+            "pretrain": {"max_seconds": DEMO_PRETRAIN_SECONDS},
+            "finetune": {"max_seconds": DEMO_FINETUNE_SECONDS},
+        }
+    )
     res = train_flow(
         dataset=fs["dataset"],
         config={"runtime": {"progress": progress}, **budget},
@@ -173,7 +212,11 @@ def demo(
     console.rule("[bold]3/3 results")
     print_metrics(res["evaluate_run"])
     recs = recommend(res["finetune_run"], user, 10)
-    print_rows(["rank", "item", "title", "score"], [(i + 1, r.item_id, r.title, f"{r.score:.3f}") for i, r in enumerate(recs)], title=f"top 10 for user {user}")
+    print_rows(
+        ["rank", "item", "title", "score"],
+        [(i + 1, r.item_id, r.title, f"{r.score:.3f}") for i, r in enumerate(recs)],
+        title=f"top 10 for user {user}",
+    )
     console.print(
         f"runs: pretrain {res['pretrain_run']}, finetune {res['finetune_run']}, evaluate {res['evaluate_run']}\n"
         f"query them: msm4sr sql \"select * from metrics where run_id = '{res['evaluate_run']}'\""
@@ -181,19 +224,38 @@ def demo(
 
 
 def serve(
-    config: Annotated[Path | None, typer.Option(help="YAML with a `schedules:` section (keys as these options, _ for -)")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML with a `schedules:` section (keys as these options, _ for -)"),
+    ] = None,
     features_cron: Annotated[str, typer.Option(help="cron of the features flow")] = "0 * * * *",
     train_cron: Annotated[str, typer.Option(help="cron of the train flow")] = "0 3 * * *",
     source: SourceName = None,
     source_file: SourceFile = None,
-    path: Annotated[str | None, typer.Option(help="source folder instead of the configured one")] = None,
-    dataset: Annotated[str | None, typer.Option(help="dataset of both flows (default: the source's)")] = None,
+    path: Annotated[
+        str | None, typer.Option(help="source folder instead of the configured one")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="dataset of both flows (default: the source's)")
+    ] = None,
     tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
     embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
-    task_runner: Annotated[str | None, typer.Option(help="features stages: local | dask (default: env MSM4SR_TASK_RUNNER at run time)")] = None,
-    workers: Annotated[int | None, typer.Option(help="local Dask cluster workers of each features run")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler for the features stages")] = None,
-    recommend_k: Annotated[int | None, typer.Option(help="the train flow writes every user's top-k to `recommendations`")] = None,
+    task_runner: Annotated[
+        str | None,
+        typer.Option(
+            help="features stages: local | dask (default: env MSM4SR_TASK_RUNNER at run time)"
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="local Dask cluster workers of each features run")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="existing Dask scheduler for the features stages")
+    ] = None,
+    recommend_k: Annotated[
+        int | None,
+        typer.Option(help="the train flow writes every user's top-k to `recommendations`"),
+    ] = None,
 ) -> None:
     """Register both flows as scheduled deployments and run them (needs `msm4sr server start`)."""
     from prefect import serve as prefect_serve
@@ -206,7 +268,18 @@ def serve(
     features_cron = sched.get("features_cron", features_cron)
     train_cron = sched.get("train_cron", train_cron)
     cluster_keys = {"task_runner", "workers", "dask_address"}
-    unknown = set(sched) - {"features_cron", "train_cron", "source", "source_file", "path", "dataset", "tag", "embed", "recommend_k", *cluster_keys}
+    unknown = set(sched) - {
+        "features_cron",
+        "train_cron",
+        "source",
+        "source_file",
+        "path",
+        "dataset",
+        "tag",
+        "embed",
+        "recommend_k",
+        *cluster_keys,
+    }
     if unknown:
         fail(f"unknown keys in schedules: {sorted(unknown)}")
     source = sched.get("source", source)
@@ -226,9 +299,13 @@ def serve(
     if not os.environ.get("PREFECT_API_URL"):
         info = server.running()
         if info is None:
-            fail("schedules need a Prefect server: run `msm4sr server start` first (or set PREFECT_API_URL)")
+            fail(
+                "schedules need a Prefect server: run `msm4sr server start` first (or set PREFECT_API_URL)"
+            )
         os.environ["PREFECT_API_URL"] = info.url
-    err.print(f"serving on {os.environ['PREFECT_API_URL']}: features '{features_cron}', train '{train_cron}' (Ctrl-C stops)")
+    err.print(
+        f"serving on {os.environ['PREFECT_API_URL']}: features '{features_cron}', train '{train_cron}' (Ctrl-C stops)"
+    )
     from prefect.deployments.runner import EntrypointType
 
     module = EntrypointType.MODULE_PATH  # not flows/features.py: see `deploy`
@@ -237,26 +314,71 @@ def serve(
             name="features",
             entrypoint_type=module,
             cron=features_cron,
-            parameters={"source": source, "source_file": src_file, "path": path, "dataset": dataset, "tag": tag, "embed": embed, **cluster},
+            parameters={
+                "source": source,
+                "source_file": src_file,
+                "path": path,
+                "dataset": dataset,
+                "tag": tag,
+                "embed": embed,
+                **cluster,
+            },
         ),
-        train_flow.to_deployment(name="train", entrypoint_type=module, cron=train_cron, parameters={"dataset": spec.dataset, "recommend_k": recommend_k}),
+        train_flow.to_deployment(
+            name="train",
+            entrypoint_type=module,
+            cron=train_cron,
+            parameters={"dataset": spec.dataset, "recommend_k": recommend_k},
+        ),
     )
 
 
 def deploy(
-    pool: Annotated[str, typer.Option(help="Prefect work pool (`prefect work-pool create NAME --type process`)")] = "msm4sr",
-    source: Annotated[str | None, typer.Option(help="code every worker can read: a folder or a git URL (default: this checkout)")] = None,
-    features_cron: Annotated[str | None, typer.Option(help="cron of the features flow (none: run on demand)")] = "0 * * * *",
-    train_cron: Annotated[str | None, typer.Option(help="cron of the train flow (none: run on demand)")] = "0 3 * * *",
-    source_kind: Annotated[str | None, typer.Option("--source-kind", help="features source: a built-in (movielens | amazon-office) or an entry of --source-file")] = None,
-    source_file: Annotated[str | None, typer.Option(help="sources YAML as the workers see it (read by every run)")] = None,
-    path: Annotated[str | None, typer.Option(help="source data folder as the workers see it")] = None,
-    dataset: Annotated[str | None, typer.Option(help="dataset of both flows (default: the source's)")] = None,
+    pool: Annotated[
+        str, typer.Option(help="Prefect work pool (`prefect work-pool create NAME --type process`)")
+    ] = "msm4sr",
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="code every worker can read: a folder or a git URL (default: this checkout)"
+        ),
+    ] = None,
+    features_cron: Annotated[
+        str | None, typer.Option(help="cron of the features flow (none: run on demand)")
+    ] = "0 * * * *",
+    train_cron: Annotated[
+        str | None, typer.Option(help="cron of the train flow (none: run on demand)")
+    ] = "0 3 * * *",
+    source_kind: Annotated[
+        str | None,
+        typer.Option(
+            "--source-kind",
+            help="features source: a built-in (movielens | amazon-office) or an entry of --source-file",
+        ),
+    ] = None,
+    source_file: Annotated[
+        str | None, typer.Option(help="sources YAML as the workers see it (read by every run)")
+    ] = None,
+    path: Annotated[
+        str | None, typer.Option(help="source data folder as the workers see it")
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="dataset of both flows (default: the source's)")
+    ] = None,
     tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
     embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
-    task_runner: Annotated[str | None, typer.Option(help="features stages: local | dask (default: the worker's env MSM4SR_TASK_RUNNER)")] = None,
-    workers: Annotated[int | None, typer.Option(help="local Dask cluster workers of each features run")] = None,
-    dask_address: Annotated[str | None, typer.Option(help="existing Dask scheduler for the features stages")] = None,
+    task_runner: Annotated[
+        str | None,
+        typer.Option(
+            help="features stages: local | dask (default: the worker's env MSM4SR_TASK_RUNNER)"
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="local Dask cluster workers of each features run")
+    ] = None,
+    dask_address: Annotated[
+        str | None, typer.Option(help="existing Dask scheduler for the features stages")
+    ] = None,
 ) -> None:
     """Deploy the features and train flows to a work pool; `prefect worker start --pool POOL` runs them."""
     from prefect import Flow
@@ -266,7 +388,9 @@ def deploy(
     if not os.environ.get("PREFECT_API_URL"):
         info = server.running()
         if info is None:
-            fail("a work pool lives on a Prefect server: run `msm4sr server start` (or set PREFECT_API_URL)")
+            fail(
+                "a work pool lives on a Prefect server: run `msm4sr server start` (or set PREFECT_API_URL)"
+            )
         os.environ["PREFECT_API_URL"] = info.url
     src = source or str(Path(__file__).resolve().parents[1])
     if source_file and not Path(source_file).is_file():  # only the workers can read it
@@ -278,7 +402,14 @@ def deploy(
         train_dataset = _check_source(source_kind, file, path, dataset).dataset
         source_file = str(file) if file else None
     given = {"task_runner": task_runner, "workers": workers, "dask_address": dask_address}
-    params = {"source": source_kind, "source_file": source_file, "path": path, "dataset": dataset, "tag": tag, "embed": embed}
+    params = {
+        "source": source_kind,
+        "source_file": source_file,
+        "path": path,
+        "dataset": dataset,
+        "tag": tag,
+        "embed": embed,
+    }
     params |= {k: v for k, v in given.items() if v is not None}
     for name, entry, cron, p in (
         # Module entrypoints: a file entrypoint puts flows/ first on sys.path, where features.py
@@ -290,8 +421,12 @@ def deploy(
         dep_id = flow_obj.deploy(
             name=name, work_pool_name=pool, cron=cron or None, parameters=p, print_next_steps=False
         )
-        console.print(f"deployed {flow_obj.name}/{name} ({dep_id}) to pool {pool!r}, cron {cron or 'none'}")
-    console.print(f"start a worker: prefect worker start --pool {pool}   (PREFECT_API_URL={os.environ['PREFECT_API_URL']})")
+        console.print(
+            f"deployed {flow_obj.name}/{name} ({dep_id}) to pool {pool!r}, cron {cron or 'none'}"
+        )
+    console.print(
+        f"start a worker: prefect worker start --pool {pool}   (PREFECT_API_URL={os.environ['PREFECT_API_URL']})"
+    )
 
 
 @server_app.command("start")
@@ -302,7 +437,9 @@ def server_start(
     from flows import server
 
     info = server.start(port=port)
-    console.print(f"Prefect server running (pid {info.pid}), UI {info.url.removesuffix('/api')}, log {info.log}")
+    console.print(
+        f"Prefect server running (pid {info.pid}), UI {info.url.removesuffix('/api')}, log {info.log}"
+    )
     console.print(f"export PREFECT_API_URL={info.url}")
 
 

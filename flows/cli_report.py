@@ -23,7 +23,10 @@ def report(
         str, typer.Option(help="comma-separated datasets (the first two also cross-domain)")
     ] = "ml-1m,amazon-office",
     budget: Annotated[
-        str, typer.Option(help="cpu (2 cores: Office rows take minutes, ML-1M M2SE rows hours; resumable) | full (paper, GPU)")
+        str,
+        typer.Option(
+            help="cpu (2 cores: Office rows take minutes, ML-1M M2SE rows hours; resumable) | full (paper, GPU)"
+        ),
     ] = "cpu",
     seeds: Annotated[
         int | None, typer.Option(help="seeds of the main rows (default: the budget's 3)")

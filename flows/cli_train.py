@@ -30,12 +30,23 @@ Sets = Annotated[
     list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
 ]
 BatchSize = Annotated[
-    int | None, typer.Option(help="targets per step (default: by the data and model, 256 on Office; 2048 on ML-1M; M2SE pre-training 8192 there)")
+    int | None,
+    typer.Option(
+        help="targets per step (default: by the data and model, 256 on Office; 2048 on ML-1M; M2SE pre-training 8192 there)"
+    ),
 ]
-Lr = Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-3; SASRec 2e-3; M2SE fine-tuning: by the batch, 4e-3 at 2048)")]
+Lr = Annotated[
+    float | None,
+    typer.Option(
+        help="Adam learning rate (default 1e-3; SASRec 2e-3; M2SE fine-tuning: by the batch, 4e-3 at 2048)"
+    ),
+]
 Seed = Annotated[int | None, typer.Option(help="random seed (PAPER.md: 2020)")]
 SampleMode = Annotated[
-    str | None, typer.Option(help="windows (default: stride finetune.window_stride) | every_prefix (the paper's) | all_positions")
+    str | None,
+    typer.Option(
+        help="windows (default: stride finetune.window_stride) | every_prefix (the paper's) | all_positions"
+    ),
 ]
 Device = Annotated[str | None, typer.Option(help="auto | cpu | cuda")]
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads (0: default)")]

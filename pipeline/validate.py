@@ -16,36 +16,43 @@ from features.store import WarehouseConfig
 # (check name, severity, SQL returning (n, example) for dataset = $1)
 CHECKS: list[tuple[str, str, str]] = [
     (
-        "interaction_item_not_in_items", "error",
+        "interaction_item_not_in_items",
+        "error",
         "SELECT count(*), any_value(i.item_id) FROM interactions i ANTI JOIN items t "
         "ON t.dataset = i.dataset AND t.item_id = i.item_id WHERE i.dataset = $1",
     ),
     (
-        "user_below_min_interactions", "error",
+        "user_below_min_interactions",
+        "error",
         "SELECT count(*), any_value(user_id) FROM (SELECT user_id FROM interactions "
         "WHERE dataset = $1 GROUP BY user_id HAVING count(*) < $2)",
     ),
     (
-        "seq_not_contiguous", "error",
+        "seq_not_contiguous",
+        "error",
         "SELECT count(*), any_value(user_id) FROM (SELECT user_id FROM interactions "
         "WHERE dataset = $1 GROUP BY user_id HAVING max(seq) + 1 <> count(*) OR min(seq) <> 0)",
     ),
     (
-        "image_of_unknown_item", "error",
+        "image_of_unknown_item",
+        "error",
         "SELECT count(*), any_value(m.item_id) FROM item_images m ANTI JOIN items t "
         "ON t.dataset = m.dataset AND t.item_id = m.item_id WHERE m.dataset = $1",
     ),
     (
-        "item_with_empty_text", "info",
+        "item_with_empty_text",
+        "info",
         "SELECT count(*), any_value(item_id) FROM items WHERE dataset = $1 "
         "AND coalesce(title, '') = '' AND coalesce(text, '') = '' AND coalesce(categories, '') = ''",
     ),
     (
-        "item_without_ok_image", "info",
+        "item_without_ok_image",
+        "info",
         "SELECT count(*), any_value(item_id) FROM items WHERE dataset = $1 AND n_images = 0",
     ),
     (
-        "image_not_ok", "warning",
+        "image_not_ok",
+        "warning",
         "SELECT count(*), any_value(uri || ': ' || status || ' ' || coalesce(error, '')) "
         "FROM item_images WHERE dataset = $1 AND status <> 'ok'",
     ),
@@ -68,10 +75,17 @@ def validate(
     started = datetime.now(UTC)
     findings: list[Finding] = []
     with store.connect(wh, create=False) as con:
-        n_inter = con.execute("SELECT count(*) FROM interactions WHERE dataset = ?", [dataset]).fetchone()[0]
-        n_items = con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]).fetchone()[0]
+        n_inter = con.execute(
+            "SELECT count(*) FROM interactions WHERE dataset = ?", [dataset]
+        ).fetchone()[0]
+        n_items = con.execute("SELECT count(*) FROM items WHERE dataset = ?", [dataset]).fetchone()[
+            0
+        ]
         if not n_inter and not n_items:
-            known = [r[0] for r in con.execute("SELECT DISTINCT dataset FROM items ORDER BY 1").fetchall()]
+            known = [
+                r[0]
+                for r in con.execute("SELECT DISTINCT dataset FROM items ORDER BY 1").fetchall()
+            ]
             raise ValueError(f"{dataset=} is not in the warehouse; ingested datasets: {known}")
         last = con.execute(
             "SELECT run_id FROM pipeline_runs WHERE stage = 'ingest' AND dataset = ? "
@@ -95,7 +109,16 @@ def validate(
             "n_interactions": n_inter,
             "errors": sum(f.n for f in findings if f.action == "error"),
         }
-        log_run(con, run_id, "validate", dataset, started, json.dumps(summary), store.snapshot_id(con), report)
+        log_run(
+            con,
+            run_id,
+            "validate",
+            dataset,
+            started,
+            json.dumps(summary),
+            store.snapshot_id(con),
+            report,
+        )
     return findings
 
 

@@ -13,7 +13,11 @@ def write_ml_cut(dest: Path, movie_ids: range | list[int], max_ratings: int = 30
     src = require(ML1M)
     keep = {str(m) for m in movie_ids}
     dest.mkdir(parents=True, exist_ok=True)
-    movies = [ln for ln in (src / "movies.dat").read_bytes().split(b"\n") if ln and ln.split(b"::")[0].decode() in keep]
+    movies = [
+        ln
+        for ln in (src / "movies.dat").read_bytes().split(b"\n")
+        if ln and ln.split(b"::")[0].decode() in keep
+    ]
     (dest / "movies.dat").write_bytes(b"\n".join(movies) + b"\n")
     out: list[str] = []
     with open(src / "ratings.dat") as f:

@@ -48,7 +48,11 @@ def free_port() -> int:
 def pg_bin_dir() -> Path | None:
     """Folder with initdb/pg_ctl/postgres: $PG_BIN, Debian's newest /usr/lib/postgresql/N/bin, PATH."""
     candidates = [os.environ.get("PG_BIN", "")]
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0, reverse=True)
+    candidates += sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
     which = shutil.which("initdb")
     if which:
         candidates.append(str(Path(which).resolve().parent))
@@ -73,9 +77,25 @@ class Postgres:
     def createdb(self, name: str) -> str:
         """CREATE DATABASE `name`; return its libpq connection string (no password in it)."""
         subprocess.run(
-            [str(self.bin / "psql"), "-h", self.host, "-p", str(self.port), "-U", self.user, "-d", "postgres",
-             "-v", "ON_ERROR_STOP=1", "-qc", f'CREATE DATABASE "{name}"'],
-            env={**os.environ, **self.env()}, check=True, capture_output=True, text=True,
+            [
+                str(self.bin / "psql"),
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                self.user,
+                "-d",
+                "postgres",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-qc",
+                f'CREATE DATABASE "{name}"',
+            ],
+            env={**os.environ, **self.env()},
+            check=True,
+            capture_output=True,
+            text=True,
         )
         return f"dbname={name} host={self.host} port={self.port} user={self.user}"
 
@@ -90,20 +110,27 @@ class S3:
     def env(self) -> dict[str, str]:
         """The standard AWS variables that point a client (DuckDB, boto3) at this server."""
         return {
-            "AWS_ACCESS_KEY_ID": self.key_id, "AWS_SECRET_ACCESS_KEY": self.secret,
-            "AWS_REGION": self.region, "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_REGION": self.region,
+            "AWS_ENDPOINT_URL": self.endpoint,
         }
 
     def client(self):
         import boto3
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.key_id,
-            aws_secret_access_key=self.secret, region_name=self.region,
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.key_id,
+            aws_secret_access_key=self.secret,
+            region_name=self.region,
         )
 
     def keys(self, bucket: str, prefix: str = "") -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
@@ -118,12 +145,16 @@ def postgres_server() -> Iterator[Postgres]:
     """initdb in a new temp folder, start on 127.0.0.1:<free port>, yield, stop and delete."""
     bindir = pg_bin_dir()
     if bindir is None:
-        _missing("PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install postgresql, or set PG_BIN")
+        _missing(
+            "PostgreSQL binaries (initdb, pg_ctl) not found: apt-get install postgresql, or set PG_BIN"
+        )
     if os.geteuid() == 0:
         try:
             pw = pwd.getpwnam("postgres")
         except KeyError:
-            _missing("running as root and no `postgres` user to run PostgreSQL as (apt-get install postgresql creates it)")
+            _missing(
+                "running as root and no `postgres` user to run PostgreSQL as (apt-get install postgresql creates it)"
+            )
     root = Path(tempfile.mkdtemp(prefix="msm4sr-pg-"))
     if os.geteuid() == 0:
         os.chown(root, pw.pw_uid, pw.pw_gid)
@@ -136,23 +167,60 @@ def postgres_server() -> Iterator[Postgres]:
     started = False
     try:
         subprocess.run(
-            _as_pg_user([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--pwfile", str(pwfile),
-                         "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync"]),
-            check=True, capture_output=True, text=True,
+            _as_pg_user(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "postgres",
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            text=True,
         )
-        opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200"
+        opts = (
+            f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off -c max_connections=200"
+        )
         r = subprocess.run(
-            _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60", "-o", opts, "start"]),
-            capture_output=True, text=True,
+            _as_pg_user(
+                [
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-l",
+                    str(log),
+                    "-w",
+                    "-t",
+                    "60",
+                    "-o",
+                    opts,
+                    "start",
+                ]
+            ),
+            capture_output=True,
+            text=True,
         )
         if r.returncode != 0:
-            raise RuntimeError(f"PostgreSQL did not start: {r.stdout}{r.stderr}\n{log.read_text() if log.exists() else ''}")
+            raise RuntimeError(
+                f"PostgreSQL did not start: {r.stdout}{r.stderr}\n{log.read_text() if log.exists() else ''}"
+            )
         started = True
         yield Postgres(bindir, port)
     finally:
         if started:
-            subprocess.run(_as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                           capture_output=True)
+            subprocess.run(
+                _as_pg_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+                capture_output=True,
+            )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -166,8 +234,17 @@ def s3_server() -> Iterator[S3]:
     port = free_port()
     logf = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=logf, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-c",
+            "from moto.server import main; main()",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
         env={**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"},
     )
     endpoint = f"http://127.0.0.1:{port}"
@@ -180,7 +257,9 @@ def s3_server() -> Iterator[S3]:
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     logf.seek(0)
-                    raise RuntimeError(f"moto server did not start: {logf.read().decode(errors='replace')}") from None
+                    raise RuntimeError(
+                        f"moto server did not start: {logf.read().decode(errors='replace')}"
+                    ) from None
                 time.sleep(0.2)
         yield S3(endpoint)
     finally:

@@ -46,13 +46,30 @@ def test_ingest_movielens_and_office_then_query(cli) -> None:
     q = "select count(*) from interactions where dataset='ml-1m'"
     assert scalar(cli("sql", q, "--csv")) == "1000209"
     assert scalar(cli("sql", "select count(*) from items where dataset='ml-1m'", "--csv")) == "3883"
-    assert scalar(cli("sql", "select count(*) from item_images where dataset='ml-1m' and status='ok'", "--csv")) == "3872"
-    assert scalar(cli("sql", "select count(*) from interactions where dataset='amazon-office'", "--csv")) == "53258"
+    assert (
+        scalar(
+            cli(
+                "sql",
+                "select count(*) from item_images where dataset='ml-1m' and status='ok'",
+                "--csv",
+            )
+        )
+        == "3872"
+    )
+    assert (
+        scalar(
+            cli("sql", "select count(*) from interactions where dataset='amazon-office'", "--csv")
+        )
+        == "53258"
+    )
     snap = scalar(cli("sql", "select max(snapshot_id) from lake.snapshots()", "--csv"))
     again = cli("ingest", "movielens", str(ml))
     assert "changed {'items': 0, 'interactions': 0, 'item_images': 0}" in " ".join(again.split())
     # only the run log was committed
-    assert int(scalar(cli("sql", "select max(snapshot_id) from lake.snapshots()", "--csv"))) == int(snap) + 1
+    assert (
+        int(scalar(cli("sql", "select max(snapshot_id) from lake.snapshots()", "--csv")))
+        == int(snap) + 1
+    )
     tables = cli("tables")
     assert "interactions" in tables and "1053467" in tables
     val = cli("validate", "--dataset", "ml-1m")
@@ -63,7 +80,11 @@ def test_errors_are_messages_not_tracebacks(cli) -> None:
     res = runner.invoke(cli.app, ["sql", "select 1"])
     assert res.exit_code == 2 and "no warehouse catalog" in res.output
     res = runner.invoke(cli.app, ["ingest", "movielens"])
-    assert res.exit_code == 2 and "MovieLens not found at" in res.output and "ratings.dat" in res.output
+    assert (
+        res.exit_code == 2
+        and "MovieLens not found at" in res.output
+        and "ratings.dat" in res.output
+    )
     cli("ingest", "amazon-office", str(require(OFFICE)))
     res = runner.invoke(cli.app, ["sql", "select nope from items"])
     assert res.exit_code == 2 and "nope" in res.output

@@ -26,12 +26,17 @@ def harness():
 
 
 def test_shards_partition_keys_alike_in_sql_and_python() -> None:
-    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(998)] + ["ff" * 32, "00" * 32]
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(998)] + [
+        "ff" * 32,
+        "00" * 32,
+    ]
     con = duckdb.connect()
     con.execute("CREATE TABLE k AS SELECT unnest(?::VARCHAR[]) AS sha", [keys])
     seen: list[str] = []
     for shard in split(3):
-        in_sql = {r[0] for r in con.execute(f"SELECT sha FROM k WHERE {shard.sql('sha')}").fetchall()}
+        in_sql = {
+            r[0] for r in con.execute(f"SELECT sha FROM k WHERE {shard.sql('sha')}").fetchall()
+        }
         assert in_sql == {k for k in keys if shard.owns(k)}
         assert len(in_sql) > len(keys) // 4  # even-ish: each of 3 shards holds about a third
         seen += in_sql
@@ -93,7 +98,9 @@ def test_dask_two_workers_equal_single_process_row_for_row(
     for a, b in zip(kw1, kw2, strict=True):
         assert a[:3] == b[:3] and a[4] == b[4]
         assert [(k["word"], k["source"]) for k in a[3]] == [(k["word"], k["source"]) for k in b[3]]
-        np.testing.assert_allclose([k["score"] for k in a[3]], [k["score"] for k in b[3]], atol=1e-5)
+        np.testing.assert_allclose(
+            [k["score"] for k in a[3]], [k["score"] for k in b[3]], atol=1e-5
+        )
     # the same strings under the same keys; vectors equal up to batch padding (float32 noise)
     assert [r[:3] + r[4:] for r in emb1] == [r[:3] + r[4:] for r in emb2]
     v1 = np.array([r[3] for r in emb1], np.float32)  # (N, 384)
@@ -107,10 +114,18 @@ def test_dask_two_workers_equal_single_process_row_for_row(
         assert all(s["n_done"] > 0 for s in info["shards"])
 
 
-def test_cluster_config_selects_runner_and_names_bad_values(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cluster_config_selects_runner_and_names_bad_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from flows.features import ClusterConfig
 
-    for var in ("MSM4SR_TASK_RUNNER", "MSM4SR_WORKERS", "MSM4SR_DASK_ADDRESS", "MSM4SR_SHARDS", "MSM4SR_THREADS"):
+    for var in (
+        "MSM4SR_TASK_RUNNER",
+        "MSM4SR_WORKERS",
+        "MSM4SR_DASK_ADDRESS",
+        "MSM4SR_SHARDS",
+        "MSM4SR_THREADS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert ClusterConfig().task_runner == "local"  # the default: one process, no Dask
     assert ClusterConfig(address="tcp://127.0.0.1:8786").task_runner == "dask"
@@ -152,7 +167,9 @@ def test_failed_shard_logs_a_failed_run_and_the_rerun_fills_only_its_keys(
         ff.cluster_stages_flow("cut", tag=False, embed=True, shards=2)
     with store.connect(wh, create=False) as con:
         keys = [r[0] for r in con.execute("SELECT text_sha256 FROM text_embeddings").fetchall()]
-        runs = con.execute("SELECT stage, status, summary FROM pipeline_runs WHERE stage = 'embed'").fetchall()
+        runs = con.execute(
+            "SELECT stage, status, summary FROM pipeline_runs WHERE stage = 'embed'"
+        ).fetchall()
     assert keys and all(Shard(0, 2).owns(k) for k in keys)
     assert len(runs) == 1 and runs[0][1] == "failed"
     assert "worker lost" in json.loads(runs[0][2])["error"]
@@ -161,7 +178,14 @@ def test_failed_shard_logs_a_failed_run_and_the_rerun_fills_only_its_keys(
     again = ff.cluster_stages_flow("cut", tag=False, embed=True, shards=2)["embed"]
     assert again["n_encoded"] == again["n_strings"] - len(keys) > 0
     with store.connect(wh, create=False) as con:
-        rows, distinct = con.execute("SELECT count(*), count(DISTINCT text_sha256) FROM text_embeddings").fetchone()
-        statuses = [r[0] for r in con.execute("SELECT status FROM pipeline_runs WHERE stage = 'embed' ORDER BY started_at").fetchall()]
+        rows, distinct = con.execute(
+            "SELECT count(*), count(DISTINCT text_sha256) FROM text_embeddings"
+        ).fetchone()
+        statuses = [
+            r[0]
+            for r in con.execute(
+                "SELECT status FROM pipeline_runs WHERE stage = 'embed' ORDER BY started_at"
+            ).fetchall()
+        ]
     assert rows == distinct == again["n_strings"]
     assert statuses == ["failed", "finished"]

@@ -195,7 +195,9 @@ def test_embed_dataset_shares_strings_and_feeds_the_views(wh):
     # Rerun: nothing encoded, no data commit (only the run log row).
     again = embed_dataset(DS, cfg(), wh, progress=False)
     assert again.n_encoded == 0 and again.n_cached == 7
-    assert again.snapshot_id == s.snapshot_id + 1  # s's run log: pipeline_runs + data_report, one commit
+    assert (
+        again.snapshot_id == s.snapshot_id + 1
+    )  # s's run log: pipeline_runs + data_report, one commit
 
     # New items: only their strings are encoded.
     put_items(wh, [*ITEMS, ("4", "Heat (1995)", "", "Drama"), ("5", "Casino (1995)", "", "Drama")])

@@ -205,7 +205,11 @@ def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:
     for ds in (ML_CUT, OFFICE_CUT):
         line = next(x for x in md.splitlines() if f"{ds}, `all` targets" in x and "SASRec" in x)
         assert "; paired 95% interval of the NDCG@10 gain over test cases " in line, line
-    for png in (f"ndcg10_{ML_CUT}.png", f"time_to_quality_{ML_CUT}.png", f"ndcg10_{OFFICE_CUT}.png"):
+    for png in (
+        f"ndcg10_{ML_CUT}.png",
+        f"time_to_quality_{ML_CUT}.png",
+        f"ndcg10_{OFFICE_CUT}.png",
+    ):
         assert (out / png).stat().st_size > 1000
     # Every number in metrics.csv is the metrics row of its run, which has a finished runs row.
     rows = list(csv.DictReader(open(out / "metrics.csv")))

@@ -35,7 +35,9 @@ def env_wh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WarehouseConfig:
     return WarehouseConfig(root=tmp_path / "wh", attach=None, data_path=None)
 
 
-def test_features_flow_then_incremental_rerun(harness, env_wh: WarehouseConfig, tmp_path: Path) -> None:
+def test_features_flow_then_incremental_rerun(
+    harness, env_wh: WarehouseConfig, tmp_path: Path
+) -> None:
     from flows.features import features_flow
 
     src = write_ml_cut(tmp_path / "ml", range(1, 41))
@@ -66,15 +68,23 @@ def test_features_flow_then_incremental_rerun(harness, env_wh: WarehouseConfig, 
     assert dup == 0 and runs == 9  # 3 flows x (ingest, tag, embed)
 
 
-def _cli(*args: str, env: dict[str, str], new_session: bool = False, stdout=subprocess.PIPE) -> subprocess.Popen:
+def _cli(
+    *args: str, env: dict[str, str], new_session: bool = False, stdout=subprocess.PIPE
+) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-c", "from flows.cli import main; main()", *args],
-        env=env, cwd=REPO, stdout=stdout, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        cwd=REPO,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=new_session,
     )
 
 
-def test_flow_killed_mid_tagging_leaves_warehouse_consistent_and_rerun_completes(env_wh: WarehouseConfig, tmp_path: Path) -> None:
+def test_flow_killed_mid_tagging_leaves_warehouse_consistent_and_rerun_completes(
+    env_wh: WarehouseConfig, tmp_path: Path
+) -> None:
     # ~1,200 real posters: tagging takes several seconds even on a fast machine
     src = write_ml_cut(tmp_path / "ml", range(1, 1251), max_ratings=5000)
     env = dict(os.environ)
@@ -101,7 +111,9 @@ def test_flow_killed_mid_tagging_leaves_warehouse_consistent_and_rerun_completes
     proc.wait()
     with store.connect(env_wh) as con:  # opens, consistent
         after_kill = con.execute("SELECT count(*) FROM image_keywords").fetchone()[0]
-        total = con.execute("SELECT count(DISTINCT sha256) FROM item_images WHERE status = 'ok'").fetchone()[0]
+        total = con.execute(
+            "SELECT count(DISTINCT sha256) FROM item_images WHERE status = 'ok'"
+        ).fetchone()[0]
     assert 32 <= after_kill < total
 
     rerun = _cli(*args, env=env)
@@ -109,13 +121,17 @@ def test_flow_killed_mid_tagging_leaves_warehouse_consistent_and_rerun_completes
     assert rerun.returncode == 0, out
     assert f'"n_new": {total - after_kill}' in out  # only what the killed run had not committed
     with store.connect(env_wh) as con:
-        rows, keys = con.execute("SELECT count(*), count(DISTINCT (sha256, tagger_version)) FROM image_keywords").fetchone()
+        rows, keys = con.execute(
+            "SELECT count(*), count(DISTINCT (sha256, tagger_version)) FROM image_keywords"
+        ).fetchone()
         items = con.execute("SELECT count(*) FROM items WHERE dataset = 'cut'").fetchone()[0]
     assert rows == keys == total
     assert items == len((src / "movies.dat").read_bytes().splitlines())
 
 
-def test_two_features_flows_at_once_lose_and_double_nothing(env_wh: WarehouseConfig, tmp_path: Path) -> None:
+def test_two_features_flows_at_once_lose_and_double_nothing(
+    env_wh: WarehouseConfig, tmp_path: Path
+) -> None:
     src = write_ml_cut(tmp_path / "ml", range(1, 31), max_ratings=1500)
     env = dict(os.environ)
     procs = [_cli("features", "--path", str(src), "--dataset", "cut", env=env) for _ in range(2)]
@@ -125,15 +141,21 @@ def test_two_features_flows_at_once_lose_and_double_nothing(env_wh: WarehouseCon
         n_items, n_inter = con.execute(
             "SELECT (SELECT count(*) FROM items WHERE dataset='cut'), (SELECT count(*) FROM interactions WHERE dataset='cut')"
         ).fetchone()
-        kw_rows, kw_keys = con.execute("SELECT count(*), count(DISTINCT (sha256, tagger_version)) FROM image_keywords").fetchone()
-        emb_rows, emb_keys = con.execute("SELECT count(*), count(DISTINCT (text_sha256, encoder_version)) FROM text_embeddings").fetchone()
+        kw_rows, kw_keys = con.execute(
+            "SELECT count(*), count(DISTINCT (sha256, tagger_version)) FROM image_keywords"
+        ).fetchone()
+        emb_rows, emb_keys = con.execute(
+            "SELECT count(*), count(DISTINCT (text_sha256, encoder_version)) FROM text_embeddings"
+        ).fetchone()
         n_posters = con.execute("SELECT count(*) FROM item_images WHERE status='ok'").fetchone()[0]
     assert n_items == 30
     assert kw_rows == kw_keys == n_posters
     assert emb_rows == emb_keys
 
 
-def test_features_flow_refuses_a_shrinking_reingest_unless_told(harness, env_wh: WarehouseConfig, tmp_path: Path) -> None:
+def test_features_flow_refuses_a_shrinking_reingest_unless_told(
+    harness, env_wh: WarehouseConfig, tmp_path: Path
+) -> None:
     """A scheduled re-ingest from a much smaller input is refused once (no retries of a refusal),
     through the CLI as one line; `allow_deletes` (a flow parameter, `--allow-deletes`) applies it."""
     from prefect.client.orchestration import get_client
@@ -144,7 +166,10 @@ def test_features_flow_refuses_a_shrinking_reingest_unless_told(harness, env_wh:
     from tests.cli_run import msm4sr, one_line_error
 
     src = write_ml_cut(tmp_path / "ml", range(1, 41))
-    assert features_flow(path=str(src), dataset="cut", tag=False, embed=False)["ingest"]["n_items"] == 40
+    assert (
+        features_flow(path=str(src), dataset="cut", tag=False, embed=False)["ingest"]["n_items"]
+        == 40
+    )
     shutil.rmtree(src)
     write_ml_cut(src, range(1, 11))
     state = features_flow(path=str(src), dataset="cut", tag=False, embed=False, return_state=True)
@@ -153,14 +178,29 @@ def test_features_flow_refuses_a_shrinking_reingest_unless_told(harness, env_wh:
         state.result()
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
         )
     assert [r.run_count for r in runs if r.name.startswith("ingest")] == [1]
-    line = one_line_error(msm4sr("features", "--path", str(src), "--dataset", "cut", "--no-tag", "--no-embed", "--no-progress"))
+    line = one_line_error(
+        msm4sr(
+            "features",
+            "--path",
+            str(src),
+            "--dataset",
+            "cut",
+            "--no-tag",
+            "--no-embed",
+            "--no-progress",
+        )
+    )
     assert "--allow-deletes" in line or "allow" in line, line
     with store.connect(env_wh, create=False, read_only=True) as con:
-        n, = con.execute("SELECT count(*) FROM items WHERE dataset = 'cut'").fetchone()
-        ingests, = con.execute("SELECT count(*) FROM pipeline_runs WHERE dataset = 'cut' AND stage = 'ingest'").fetchone()
+        (n,) = con.execute("SELECT count(*) FROM items WHERE dataset = 'cut'").fetchone()
+        (ingests,) = con.execute(
+            "SELECT count(*) FROM pipeline_runs WHERE dataset = 'cut' AND stage = 'ingest'"
+        ).fetchone()
     assert n == 40 and ingests == 1  # nothing written by the refused runs
 
     done = features_flow(path=str(src), dataset="cut", tag=False, embed=False, allow_deletes=True)

@@ -36,9 +36,15 @@ def test_local_files_get_status_and_hash(tmp_path: Path) -> None:
     got["file_url"] = fetch_one((tmp_path / "ok.jpg").as_uri(), tmp_path / "cache", FAST)
     status = {k: v.status for k, v in got.items()}
     assert status == {
-        "ok.jpg": IMAGE_OK, "zero.jpg": IMAGE_CORRUPT, "trunc.jpg": IMAGE_CORRUPT,
-        "text.jpg": IMAGE_CORRUPT, "vector.svg": IMAGE_UNSUPPORTED, "alpha.png": IMAGE_OK,
-        "grey16.png": IMAGE_OK, "absent": IMAGE_MISSING, "file_url": IMAGE_OK,
+        "ok.jpg": IMAGE_OK,
+        "zero.jpg": IMAGE_CORRUPT,
+        "trunc.jpg": IMAGE_CORRUPT,
+        "text.jpg": IMAGE_CORRUPT,
+        "vector.svg": IMAGE_UNSUPPORTED,
+        "alpha.png": IMAGE_OK,
+        "grey16.png": IMAGE_OK,
+        "absent": IMAGE_MISSING,
+        "file_url": IMAGE_OK,
     }
     assert got["ok.jpg"].sha256 == hashlib.sha256(good).hexdigest()
     assert (got["ok.jpg"].width, got["ok.jpg"].height) == (40, 60)
@@ -70,14 +76,29 @@ def test_http_statuses_retries_and_cache(tmp_path: Path) -> None:
     }
     with http_server(routes) as (base, hits):
         cfg = ImageConfig(timeout_s=0.5, retries=2, backoff_s=0.05, concurrency=3, max_bytes=4000)
-        uris = [f"{base}{p}" for p in ["/ok.jpg", "/flaky.jpg", "/slow.jpg", "/trunc.jpg", "/big.jpg", "/page.html", "/gone.jpg"]]
+        uris = [
+            f"{base}{p}"
+            for p in [
+                "/ok.jpg",
+                "/flaky.jpg",
+                "/slow.jpg",
+                "/trunc.jpg",
+                "/big.jpg",
+                "/page.html",
+                "/gone.jpg",
+            ]
+        ]
         res = {r.uri.rsplit("/", 1)[1]: r for r in fetch_all(uris, tmp_path / "cache", cfg)}
         assert hits["/flaky.jpg"] == 3  # two 503s retried, third served
         assert hits["/gone.jpg"] == 1  # a 404 is final, not retried
         assert hits["/slow.jpg"] == 3  # timeouts are retried (1 + 2 retries)
     assert {k: v.status for k, v in res.items()} == {
-        "ok.jpg": IMAGE_OK, "flaky.jpg": IMAGE_OK, "slow.jpg": IMAGE_MISSING,
-        "trunc.jpg": IMAGE_CORRUPT, "big.jpg": IMAGE_TOO_LARGE, "page.html": IMAGE_UNSUPPORTED,
+        "ok.jpg": IMAGE_OK,
+        "flaky.jpg": IMAGE_OK,
+        "slow.jpg": IMAGE_MISSING,
+        "trunc.jpg": IMAGE_CORRUPT,
+        "big.jpg": IMAGE_TOO_LARGE,
+        "page.html": IMAGE_UNSUPPORTED,
         "gone.jpg": IMAGE_MISSING,
     }
     assert res["gone.jpg"].error == "HTTP 404"

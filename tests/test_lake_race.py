@@ -68,7 +68,7 @@ def _key_counts(cfg: WarehouseConfig) -> list[tuple[str, int]]:
 
 
 def test_overlapping_commits_of_one_key_on_postgres_keep_one_row(
-    lake_env: dict[str, str],  # noqa: F811
+    lake_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cfg = WarehouseConfig()

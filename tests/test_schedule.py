@@ -28,7 +28,9 @@ def free_port() -> int:
 
 def completed_scheduled_runs(api: str) -> list[dict]:
     body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}).encode()
-    req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{api}/flow_runs/filter", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return [fr for fr in json.load(r) if fr.get("deployment_id")]
 
@@ -44,7 +46,14 @@ def test_served_features_flow_runs_on_its_cron(tmp_path: Path) -> None:
     env |= {"PREFECT_HOME": str(tmp_path / "prefect"), "MSM4SR_WAREHOUSE": str(tmp_path / "wh")}
     (tmp_path / "prefect").mkdir()
     port = free_port()
-    start = subprocess.run(msm4sr("server", "start", "--port", str(port)), env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    start = subprocess.run(
+        msm4sr("server", "start", "--port", str(port)),
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert start.returncode == 0, start.stdout + start.stderr
     api = f"http://127.0.0.1:{port}/api"
     cfg = tmp_path / "schedules.yaml"
@@ -52,7 +61,15 @@ def test_served_features_flow_runs_on_its_cron(tmp_path: Path) -> None:
         f"schedules:\n  features_cron: '* * * * *'\n  train_cron: '0 3 * * *'\n  path: {src}\n"
         f"  dataset: sched\n  tag: false\n  embed: false\n"
     )
-    serve = subprocess.Popen(msm4sr("serve", "--config", str(cfg)), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    serve = subprocess.Popen(
+        msm4sr("serve", "--config", str(cfg)),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         runs: list[dict] = []
@@ -68,7 +85,9 @@ def test_served_features_flow_runs_on_its_cron(tmp_path: Path) -> None:
             serve.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
-        stop = subprocess.run(msm4sr("server", "stop"), env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        stop = subprocess.run(
+            msm4sr("server", "stop"), env=env, cwd=REPO, capture_output=True, text=True, timeout=60
+        )
     assert "stopped" in stop.stdout
     with pytest.raises(OSError):
         urllib.request.urlopen(f"{api}/health", timeout=2)
@@ -76,5 +95,7 @@ def test_served_features_flow_runs_on_its_cron(tmp_path: Path) -> None:
     from features import store
     from features.store import WarehouseConfig
 
-    with store.connect(WarehouseConfig(root=tmp_path / "wh", attach=None, data_path=None), create=False) as con:
+    with store.connect(
+        WarehouseConfig(root=tmp_path / "wh", attach=None, data_path=None), create=False
+    ) as con:
         assert con.execute("SELECT count(*) FROM items WHERE dataset = 'sched'").fetchone()[0] == 6

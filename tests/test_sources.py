@@ -29,7 +29,9 @@ def ml_fixture(root: Path) -> Path:
         "3::1::five::300",  # non-numeric rating
         "3::2::4",  # too few fields
     ]
-    ratings += [f"3::{m}::5::{300 + m}" for m in (1, 2, 3, 4)] + ["3::1::2::999"]  # dup (3,1): last wins
+    ratings += [f"3::{m}::5::{300 + m}" for m in (1, 2, 3, 4)] + [
+        "3::1::2::999"
+    ]  # dup (3,1): last wins
     ratings += ["3::5::4::301", "3::6::4::301"]  # a timestamp tie: source order decides
     movies = [
         b"1::Toy Story (1995)::Animation|Children's|Comedy",
@@ -50,7 +52,9 @@ def ml_fixture(root: Path) -> Path:
     return write_movielens(root, ratings, movies, posters)
 
 
-def test_movielens_bad_input_is_reported_and_the_rest_lands(tmp_path: Path, wh: WarehouseConfig) -> None:
+def test_movielens_bad_input_is_reported_and_the_rest_lands(
+    tmp_path: Path, wh: WarehouseConfig
+) -> None:
     raw = read_movielens(ml_fixture(tmp_path / "ml"), "ml-tiny")
     summary = ingest(raw, wh, progress=False)
     report = {r["check_name"]: r for r in summary.report}
@@ -62,7 +66,9 @@ def test_movielens_bad_input_is_reported_and_the_rest_lands(tmp_path: Path, wh: 
     assert report["image_corrupt"]["n"] == 2  # zero-byte + truncated
     assert summary.images_by_status == {"ok": 1, "corrupt": 2}
     with store.connect(wh) as con:
-        inter = store.read_polars(con, "interactions", where="dataset = 'ml-tiny'").sort("user_id", "seq")
+        inter = store.read_polars(con, "interactions", where="dataset = 'ml-tiny'").sort(
+            "user_id", "seq"
+        )
         items = store.read_polars(con, "items").sort("item_id")
         imgs = store.read_polars(con, "item_images").sort("item_id")
         runs = store.read_table(con, "pipeline_runs").num_rows
@@ -73,9 +79,13 @@ def test_movielens_bad_input_is_reported_and_the_rest_lands(tmp_path: Path, wh: 
     assert u3["item_id"].to_list() == ["5", "6", "2", "3", "4", "1"]
     assert u3["seq"].to_list() == list(range(6))
     assert u3.filter(pl.col("item_id") == "1")["rating"][0] == 2.0
-    assert items.filter(pl.col("item_id") == "2")["title"][0] == "Cité des enfants perdus, La (1995)"
+    assert (
+        items.filter(pl.col("item_id") == "2")["title"][0] == "Cité des enfants perdus, La (1995)"
+    )
     assert items["n_images"].to_list() == [1, 0, 0, 0, 0, 0]
-    assert imgs.filter(pl.col("status") == "corrupt")["error"].to_list()[0] == "empty file (0 bytes)"
+    assert (
+        imgs.filter(pl.col("status") == "corrupt")["error"].to_list()[0] == "empty file (0 bytes)"
+    )
     assert (runs, rep) == (1, len(summary.report))
 
 
@@ -104,9 +114,15 @@ def test_reingest_of_same_files_changes_no_data(tmp_path: Path, wh: WarehouseCon
     assert touched and touched <= logged and str(ids["pipeline_runs"]) in touched
 
 
-def test_generic_items_with_duplicates_and_invalid_utf8(tmp_path: Path, wh: WarehouseConfig) -> None:
+def test_generic_items_with_duplicates_and_invalid_utf8(
+    tmp_path: Path, wh: WarehouseConfig
+) -> None:
     inter = tmp_path / "inter.csv"
-    inter.write_text("user,item,time\n" + "".join(f"u{u},i{k},{k}\n" for u in (1, 2) for k in range(5)) + "u1,i9,x\nu1,ghost,7\n")
+    inter.write_text(
+        "user,item,time\n"
+        + "".join(f"u{u},i{k},{k}\n" for u in (1, 2) for k in range(5))
+        + "u1,i9,x\nu1,ghost,7\n"
+    )
     items = tmp_path / "items.tsv"
     items.write_bytes(
         b"id\ttitle\n"
@@ -150,7 +166,9 @@ def _jsonl_gz(path: Path, rows: list[dict], literal: bool = False) -> Path:
     return path
 
 
-def _reviews(n_users: int, items: list[str], key_user: str, key_item: str, ts_key: str, scale: int = 1) -> list[dict]:
+def _reviews(
+    n_users: int, items: list[str], key_user: str, key_item: str, ts_key: str, scale: int = 1
+) -> list[dict]:
     return [
         {key_user: f"U{u}", key_item: it, "overall": 5.0, ts_key: (1_400_000_000 + 10 * k) * scale}
         for u in range(n_users)
@@ -160,15 +178,31 @@ def _reviews(n_users: int, items: list[str], key_user: str, key_item: str, ts_ke
 
 def test_amazon_2014_with_image_urls_including_a_404(tmp_path: Path, wh: WarehouseConfig) -> None:
     items = ["A1", "A2", "A3", "A4", "A5"]
-    with http_server({"/a1.jpg": ("ok", jpeg_bytes()), "/a2.jpg": ("ok", jpeg_bytes(color=(0, 9, 0)))}) as (base, _):
+    with http_server(
+        {"/a1.jpg": ("ok", jpeg_bytes()), "/a2.jpg": ("ok", jpeg_bytes(color=(0, 9, 0)))}
+    ) as (base, _):
         meta = [
-            {"asin": "A1", "title": "Stapler", "imUrl": f"{base}/a1.jpg", "categories": [["Office Products", "Staplers"]], "brand": "Swingline"},
-            {"asin": "A2", "title": "Pen <b>blue</b>", "description": "A <i>fine</i> pen.", "imUrl": f"{base}/a2.jpg"},
+            {
+                "asin": "A1",
+                "title": "Stapler",
+                "imUrl": f"{base}/a1.jpg",
+                "categories": [["Office Products", "Staplers"]],
+                "brand": "Swingline",
+            },
+            {
+                "asin": "A2",
+                "title": "Pen <b>blue</b>",
+                "description": "A <i>fine</i> pen.",
+                "imUrl": f"{base}/a2.jpg",
+            },
             {"asin": "A3", "title": "Paper", "imUrl": f"{base}/missing.jpg"},
             {"asin": "A4", "title": "Clip"},
             {"asin": "A5", "title": "Tape"},
         ]
-        rev = _jsonl_gz(tmp_path / "reviews_Office_Products_5.json.gz", _reviews(2, items, "reviewerID", "asin", "unixReviewTime"))
+        rev = _jsonl_gz(
+            tmp_path / "reviews_Office_Products_5.json.gz",
+            _reviews(2, items, "reviewerID", "asin", "unixReviewTime"),
+        )
         met = _jsonl_gz(tmp_path / "meta_Office_Products.json.gz", meta, literal=True)
         summary = ingest(read_amazon(rev, met, "amz14"), wh, progress=False)
     assert summary.n_interactions == 10 and summary.images_by_status == {"ok": 2, "missing": 1}
@@ -183,17 +217,40 @@ def test_amazon_2014_with_image_urls_including_a_404(tmp_path: Path, wh: Warehou
 
 def test_amazon_2018_and_2023_layouts(tmp_path: Path) -> None:
     items = ["B1", "B2", "B3", "B4", "B5"]
-    meta18 = [{"asin": i, "title": f"T{i}", "description": ["d1", "d2"], "category": ["Office"], "imageURLHighRes": ["http://x/1.jpg", "http://x/2.jpg"]} for i in items]
+    meta18 = [
+        {
+            "asin": i,
+            "title": f"T{i}",
+            "description": ["d1", "d2"],
+            "category": ["Office"],
+            "imageURLHighRes": ["http://x/1.jpg", "http://x/2.jpg"],
+        }
+        for i in items
+    ]
     r18 = read_amazon(
-        _jsonl_gz(tmp_path / "reviews18.json.gz", _reviews(1, items, "reviewerID", "asin", "unixReviewTime")),
+        _jsonl_gz(
+            tmp_path / "reviews18.json.gz",
+            _reviews(1, items, "reviewerID", "asin", "unixReviewTime"),
+        ),
         _jsonl_gz(tmp_path / "meta18.json.gz", meta18),
         "amz18",
     )
     assert r18.images.height == 10 and r18.images["image_idx"].to_list()[:2] == [0, 1]
     assert r18.items["text"][0] == "d1 d2"
-    meta23 = [{"parent_asin": i, "title": f"T{i}", "images": [{"large": "http://x/l.jpg", "hi_res": None}], "store": "Acme"} for i in items]
+    meta23 = [
+        {
+            "parent_asin": i,
+            "title": f"T{i}",
+            "images": [{"large": "http://x/l.jpg", "hi_res": None}],
+            "store": "Acme",
+        }
+        for i in items
+    ]
     r23 = read_amazon(
-        _jsonl_gz(tmp_path / "Office.jsonl.gz", _reviews(1, items, "user_id", "parent_asin", "timestamp", scale=1000)),
+        _jsonl_gz(
+            tmp_path / "Office.jsonl.gz",
+            _reviews(1, items, "user_id", "parent_asin", "timestamp", scale=1000),
+        ),
         _jsonl_gz(tmp_path / "meta_Office.jsonl.gz", meta23),
         "amz23",
     )

@@ -30,7 +30,12 @@ def items(ids: list[str], title: str = "t") -> pa.Table:
 def test_connect_creates_every_contract_table_and_view(wh: WarehouseConfig) -> None:
     with store.connect(wh) as con:
         names = {t for t, _ in store.table_counts(con)}
-        views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE database_name='lake'").fetchall()}
+        views = {
+            r[0]
+            for r in con.execute(
+                "SELECT view_name FROM duckdb_views() WHERE database_name='lake'"
+            ).fetchall()
+        }
     assert names == set(contract.TABLES) | {contract.WRITE_GUARDS.name}
     assert {"item_text_features", "item_image_features", "item_keywords"} <= views
     assert wh.catalog_path.exists()
@@ -58,10 +63,14 @@ def test_extensions_are_signature_checked_once_per_process_and_again_when_change
 
 def test_a_view_whose_text_changed_is_recreated_on_connect(wh: WarehouseConfig) -> None:
     with store.connect(wh) as con:
-        want = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'item_keywords'").fetchone()[0]
+        want = con.execute(
+            "SELECT sql FROM duckdb_views() WHERE view_name = 'item_keywords'"
+        ).fetchone()[0]
         con.execute("CREATE OR REPLACE VIEW item_keywords AS SELECT 1 AS x")
     with store.connect(wh) as con:  # the process already knows the canonical text
-        got = con.execute("SELECT sql FROM duckdb_views() WHERE view_name = 'item_keywords'").fetchone()[0]
+        got = con.execute(
+            "SELECT sql FROM duckdb_views() WHERE view_name = 'item_keywords'"
+        ).fetchone()[0]
     assert got == want
 
 
@@ -82,7 +91,11 @@ def test_upsert_is_idempotent_and_skips_unchanged_rows(wh: WarehouseConfig) -> N
         r3 = store.upsert(con, "items", items(["2", "3"], title="new"))
         assert (r3.inserted, r3.updated, r3.deleted) == (1, 1, 0)
         rows = store.read_table(con, "items", where="dataset = ?", params=["d"]).to_pylist()
-        assert sorted((r["item_id"], r["title"]) for r in rows) == [("1", "t1"), ("2", "new2"), ("3", "new3")]
+        assert sorted((r["item_id"], r["title"]) for r in rows) == [
+            ("1", "t1"),
+            ("2", "new2"),
+            ("3", "new3"),
+        ]
         # time travel: the first snapshot still has two rows
         assert store.read_table(con, "items", snapshot=s1).num_rows == 2
 
@@ -102,7 +115,9 @@ def test_write_is_all_or_nothing(wh: WarehouseConfig) -> None:
     bad_interactions = pa.table({"dataset": ["d"], "user_id": ["u"]})  # lacks columns
     with store.connect(wh) as con:
         with pytest.raises(ValueError, match="lack columns"):
-            store.write(con, [Write("items", items(["1"])), Write("interactions", bad_interactions)])
+            store.write(
+                con, [Write("items", items(["1"])), Write("interactions", bad_interactions)]
+            )
         assert store.read_table(con, "items").num_rows == 0
 
 
@@ -161,7 +176,9 @@ def test_two_writer_processes_both_commit_nothing_lost(wh: WarehouseConfig) -> N
     with store.connect(wh):
         pass
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(wh.root), p], stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(wh.root), p], stderr=subprocess.PIPE, text=True
+        )
         for p in ("a", "b")
     ]
     for p in procs:

@@ -62,10 +62,19 @@ def test_sasrec_dropout_follows_the_datas_density() -> None:
     assert sas.model.hidden_dropout is None  # resolved per dataset, not here
     # toy: mean train length (7 + 2) / 2 = 4.5 items
     dense, sparse = _toy(max_len=3), _toy(max_len=50)
-    assert (with_data_defaults(sas, dense).model.hidden_dropout, with_data_defaults(sas, dense).model.attn_dropout) == (0.2, 0.2)
-    assert (with_data_defaults(sas, sparse).model.hidden_dropout, with_data_defaults(sas, sparse).model.attn_dropout) == (0.5, 0.5)
+    assert (
+        with_data_defaults(sas, dense).model.hidden_dropout,
+        with_data_defaults(sas, dense).model.attn_dropout,
+    ) == (0.2, 0.2)
+    assert (
+        with_data_defaults(sas, sparse).model.hidden_dropout,
+        with_data_defaults(sas, sparse).model.attn_dropout,
+    ) == (0.5, 0.5)
     mine = resolve([{"model": {"arch": "sasrec", "attn_dropout": 0.1}}])
-    assert (with_data_defaults(mine, sparse).model.hidden_dropout, with_data_defaults(mine, sparse).model.attn_dropout) == (0.5, 0.1)
+    assert (
+        with_data_defaults(mine, sparse).model.hidden_dropout,
+        with_data_defaults(mine, sparse).model.attn_dropout,
+    ) == (0.5, 0.1)
     assert with_data_defaults(defaults("m2se"), sparse).model.hidden_dropout == 0.2
 
 
@@ -83,4 +92,3 @@ def test_batch_and_lr_follow_the_data_and_the_stage() -> None:
     assert batch_lr(1024) == 2e-3 and batch_lr(2048) == 4e-3
     assert defaults("m2se").finetune.lr is None and defaults("m2se").pretrain.lr == 1e-3
     assert defaults("sasrec").finetune.lr == 2e-3
-
