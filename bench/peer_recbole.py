@@ -30,6 +30,9 @@ datasets that an invocation did not run (`--datasets ml-1m` leaves Office's entr
 
     .venv/bin/python bench/peer_recbole.py                       # both datasets, all systems
     .venv/bin/python bench/peer_recbole.py --datasets amazon-office --systems recbole sasrec
+
+`--systems` chooses what runs; a system left out keeps its stored part (if it holds today's
+settings) in peer.json and in the comparison, so re-running our parts keeps RecBole's.
 """
 
 from __future__ import annotations
@@ -409,12 +412,19 @@ def main() -> None:
     for ds in args.datasets:
         atomic = export_recbole(ds, args.workdir / "atomic", wh)
         entry: dict = {"systems": {}}
-        for s in args.systems:
+        for s in SYSTEMS:
             part_path = PARTS / f"{ds}-{s}-s{args.seed}.json"
+            selected = s in args.systems
             part = (
-                None if args.fresh else stored_part(part_path, ds, s, args.seed, args.threads, wh)
+                None
+                if args.fresh and selected
+                else stored_part(part_path, ds, s, args.seed, args.threads, wh)
             )
-            if part is not None:
+            if not selected:  # not run, but its stored part keeps the comparison whole
+                if part is None:
+                    continue
+                log(f"{ds}: {s} not in --systems: its stored {part_path.name}")
+            elif part is not None:
                 log(f"{ds}: reusing {part_path.name}")
             else:
                 t0 = time.perf_counter()
