@@ -28,6 +28,25 @@ server_app = typer.Typer(
 DEMO_PRETRAIN_SECONDS = 120
 DEMO_FINETUNE_SECONDS = 630
 
+# Options of the scheduled flows that `serve` and `deploy` share.
+FlowsDataset = Annotated[
+    str | None, typer.Option(help="dataset of both flows (default: the source's)")
+]
+FlowsTag = Annotated[bool, typer.Option(help="the features flow runs stage 1")]
+FlowsEmbed = Annotated[bool, typer.Option(help="the features flow runs stage 2")]
+FlowsTaskRunner = Annotated[
+    str | None,
+    typer.Option(
+        help="features stages: local | dask (default: env MSM4SR_TASK_RUNNER where a run starts)"
+    ),
+]
+FlowsWorkers = Annotated[
+    int | None, typer.Option(help="local Dask cluster workers of each features run")
+]
+FlowsDaskAddress = Annotated[
+    str | None, typer.Option(help="existing Dask scheduler for the features stages")
+]
+
 
 def _load_yaml(path: Path | None) -> dict[str, Any]:
     if path is None:
@@ -235,23 +254,12 @@ def serve(
     path: Annotated[
         str | None, typer.Option(help="source folder instead of the configured one")
     ] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="dataset of both flows (default: the source's)")
-    ] = None,
-    tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
-    embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
-    task_runner: Annotated[
-        str | None,
-        typer.Option(
-            help="features stages: local | dask (default: env MSM4SR_TASK_RUNNER at run time)"
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="local Dask cluster workers of each features run")
-    ] = None,
-    dask_address: Annotated[
-        str | None, typer.Option(help="existing Dask scheduler for the features stages")
-    ] = None,
+    dataset: FlowsDataset = None,
+    tag: FlowsTag = True,
+    embed: FlowsEmbed = True,
+    task_runner: FlowsTaskRunner = None,
+    workers: FlowsWorkers = None,
+    dask_address: FlowsDaskAddress = None,
     recommend_k: Annotated[
         int | None,
         typer.Option(help="the train flow writes every user's top-k to `recommendations`"),
@@ -362,23 +370,12 @@ def deploy(
     path: Annotated[
         str | None, typer.Option(help="source data folder as the workers see it")
     ] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="dataset of both flows (default: the source's)")
-    ] = None,
-    tag: Annotated[bool, typer.Option(help="the features flow runs stage 1")] = True,
-    embed: Annotated[bool, typer.Option(help="the features flow runs stage 2")] = True,
-    task_runner: Annotated[
-        str | None,
-        typer.Option(
-            help="features stages: local | dask (default: the worker's env MSM4SR_TASK_RUNNER)"
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="local Dask cluster workers of each features run")
-    ] = None,
-    dask_address: Annotated[
-        str | None, typer.Option(help="existing Dask scheduler for the features stages")
-    ] = None,
+    dataset: FlowsDataset = None,
+    tag: FlowsTag = True,
+    embed: FlowsEmbed = True,
+    task_runner: FlowsTaskRunner = None,
+    workers: FlowsWorkers = None,
+    dask_address: FlowsDaskAddress = None,
 ) -> None:
     """Deploy the features and train flows to a work pool; `prefect worker start --pool POOL` runs them."""
     from prefect import Flow
