@@ -386,6 +386,17 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the architecture: hosts of one platform differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["amazon-office", "ml-1m"])
@@ -403,8 +414,9 @@ def main() -> None:
     args = ap.parse_args()
     wh = WarehouseConfig(root=args.warehouse) if args.warehouse else None
     PARTS.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.platform()}, {cpu_model()}, {os.cpu_count()} cpus, {args.threads} threads"
     results: dict = {
-        "machine": f"{platform.platform()}, {os.cpu_count()} cpus, {args.threads} threads",
+        "machine": machine,  # this invocation's; each part records the machine it ran on
         "torch": torch.__version__,
         "seed": args.seed,
         "datasets": {},
@@ -436,6 +448,8 @@ def main() -> None:
                     part = run_ours(ds, s, args.threads, args.seed, wh, args.fresh)
                 part["bench_seconds"] = time.perf_counter() - t0
                 part["ran_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+                # Seconds compare across parts only on one machine: say which one this was.
+                part["machine"] = machine
                 part_path.write_text(json.dumps(part, indent=1))
             entry["systems"][s] = part
             log(
