@@ -66,6 +66,7 @@ from trainer.experiments import (  # noqa: E402
     variants,
 )
 from trainer.paired import REPRODUCE_TOL, bootstrap_gain, case_ndcg, ndcg_at_k  # noqa: E402
+from trainer.runlog import valid_curve  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PARTS = RESULTS / "peer.parts"
@@ -208,26 +209,15 @@ def our_configs(
 
 def _curve(run_id: str, wh: WarehouseConfig | None) -> tuple[list[dict], dict[str, float]]:
     """(per-epoch elapsed seconds + valid NDCG@10, test metrics of the best epoch) of a run."""
+    curve = [c for c in valid_curve(run_id, wh) if "seconds" in c]
     with store.connect(wh, create=False, read_only=True) as con:
         rows = store.query(
             con,
-            "SELECT epoch, split, metric, value FROM metrics WHERE run_id = ? AND subset = 'all' "
-            "AND ((split = 'train' AND metric = 'elapsed_seconds') OR split IN ('valid', 'test'))",
+            "SELECT metric, value FROM metrics WHERE run_id = ? AND subset = 'all' "
+            "AND split = 'test' AND epoch = -1",
             [run_id],
         ).to_pylist()
-    per: dict[int, dict] = {}
-    test: dict[str, float] = {}
-    for r in rows:
-        if r["epoch"] == -1 and r["split"] == "test":
-            test[r["metric"]] = r["value"]
-        elif r["epoch"] > 0:
-            e = per.setdefault(r["epoch"], {"epoch": r["epoch"]})
-            if r["metric"] == "elapsed_seconds":
-                e["seconds"] = r["value"]
-            elif r["split"] == "valid" and r["metric"] == "NDCG@10":
-                e["valid_ndcg10"] = r["value"]
-    curve = [per[k] for k in sorted(per) if {"seconds", "valid_ndcg10"} <= set(per[k])]
-    return curve, test
+    return curve, {r["metric"]: r["value"] for r in rows}
 
 
 def our_run_ids(

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from features import store  # noqa: E402
 from features.store import WarehouseConfig  # noqa: E402
+from trainer.runlog import valid_curve  # noqa: E402
 
 
 def stop(curve: list[tuple[int, float]], patience: int) -> tuple[float, int, int]:
@@ -41,18 +42,14 @@ def stop(curve: list[tuple[int, float]], patience: int) -> tuple[float, int, int
     return best, best_epoch, curve[-1][0]
 
 
-def curve_of(con, run_id: str) -> tuple[list[tuple[int, float]], int]:
+def curve_of(run_id: str, wh: WarehouseConfig) -> tuple[list[tuple[int, float]], int]:
     """(validation NDCG@10 per epoch, the patience the run was trained with) of a run."""
-    row = con.execute("SELECT config FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    with store.connect(wh, create=False, read_only=True) as con:
+        row = con.execute("SELECT config FROM runs WHERE run_id = ?", [run_id]).fetchone()
     if row is None:
         raise SystemExit(f"no run {run_id!r} in this warehouse")
     trained = int(json.loads(row[0])["finetune"]["patience"])
-    rows = con.execute(
-        "SELECT epoch, value FROM metrics WHERE run_id = ? AND split = 'valid' AND subset = 'all' "
-        "AND metric = 'NDCG@10' AND epoch > 0 ORDER BY epoch",
-        [run_id],
-    ).fetchall()
-    return [(int(e), float(v)) for e, v in rows], trained
+    return [(int(c["epoch"]), c["valid_ndcg10"]) for c in valid_curve(run_id, wh)], trained
 
 
 def main() -> None:
@@ -71,29 +68,28 @@ def main() -> None:
     args = ap.parse_args()
     wh = WarehouseConfig(root=args.warehouse) if args.warehouse else WarehouseConfig()
     res: dict = {"patience": args.patience, "groups": {}}
-    with store.connect(wh, create=False, read_only=True) as con:
-        for name, *runs in args.group:
-            curves = {r: curve_of(con, r) for r in runs}
-            group: dict = {"runs": runs}
-            for p in args.patience:
-                too_long = [r for r, (_, trained) in curves.items() if p > trained]
-                if too_long:
-                    raise SystemExit(f"{too_long} trained with a patience below {p}")
-                stops = [stop(c, p) for c, _ in curves.values()]
-                best = [round(s[0], 4) for s in stops]
-                group[f"patience_{p}"] = {
-                    "best_valid_ndcg10": best,
-                    "mean": round(sum(best) / len(best), 4),
-                    "best_epoch": [s[1] for s in stops],
-                    "epochs_trained": [s[2] for s in stops],
-                    "epochs_total": sum(s[2] for s in stops),
-                }
-                g = group[f"patience_{p}"]
-                print(
-                    f"{name:28s} patience {p:2d}: best valid NDCG@10 {best} mean {g['mean']:.4f}, "
-                    f"epochs {g['epochs_trained']} (total {g['epochs_total']})"
-                )
-            res["groups"][name] = group
+    for name, *runs in args.group:
+        curves = {r: curve_of(r, wh) for r in runs}
+        group: dict = {"runs": runs}
+        for p in args.patience:
+            too_long = [r for r, (_, trained) in curves.items() if p > trained]
+            if too_long:
+                raise SystemExit(f"{too_long} trained with a patience below {p}")
+            stops = [stop(c, p) for c, _ in curves.values()]
+            best = [round(s[0], 4) for s in stops]
+            group[f"patience_{p}"] = {
+                "best_valid_ndcg10": best,
+                "mean": round(sum(best) / len(best), 4),
+                "best_epoch": [s[1] for s in stops],
+                "epochs_trained": [s[2] for s in stops],
+                "epochs_total": sum(s[2] for s in stops),
+            }
+            g = group[f"patience_{p}"]
+            print(
+                f"{name:28s} patience {p:2d}: best valid NDCG@10 {best} mean {g['mean']:.4f}, "
+                f"epochs {g['epochs_trained']} (total {g['epochs_total']})"
+            )
+        res["groups"][name] = group
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")

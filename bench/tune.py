@@ -26,26 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from features import store  # noqa: E402
 from features.store import WarehouseConfig  # noqa: E402
+from trainer import runlog  # noqa: E402
 from trainer.config import parse_override, resolve  # noqa: E402
 from trainer.experiments import run_key, train_or_reuse  # noqa: E402
 
 
 def valid_curve(run_id: str, wh: WarehouseConfig | None) -> list[dict]:
-    with store.connect(wh, create=False, read_only=True) as con:
-        rows = store.query(
-            con,
-            "SELECT epoch, metric, value FROM metrics WHERE run_id = ? AND subset = 'all' AND "
-            "epoch > 0 AND ((split = 'train' AND metric = 'elapsed_seconds') OR "
-            "(split = 'valid' AND metric = 'NDCG@10')) ORDER BY epoch",
-            [run_id],
-        ).to_pylist()
-    per: dict[int, dict] = {}
-    for r in rows:
-        key = "seconds" if r["metric"] == "elapsed_seconds" else "valid_ndcg10"
-        per.setdefault(r["epoch"], {"epoch": r["epoch"]})[key] = round(r["value"], 5)
-    return [per[e] for e in sorted(per)]
+    return [{k: round(v, 5) for k, v in c.items()} for c in runlog.valid_curve(run_id, wh)]
 
 
 def run_variant(

@@ -22,7 +22,7 @@ from features import store
 from features.store import WarehouseConfig
 from trainer.experiments import Budget, Cell
 from trainer.paired import PairedRows
-from trainer.runlog import RunError, git_commit
+from trainer.runlog import RunError, git_commit, valid_curve
 
 METRICS = ("NDCG@10", "NDCG@20", "Recall@10", "Recall@20")
 POPULARITY = "Popularity"
@@ -339,30 +339,16 @@ def _plots(
         for c in cells:
             if c.dataset == ds and c.variant.name in models and c.variant.name not in first:
                 first[c.variant.name] = c
-        ids = [x for c in first.values() for x in (c.finetune_run, c.pretrain_run) if x]
-        with store.connect(wh, create=False, read_only=True) as con:
-            curve = store.query(
-                con,
-                "SELECT run_id, epoch, metric, value FROM metrics WHERE subset = 'all' AND "
-                "((epoch >= 1 AND split = 'valid' AND metric = 'NDCG@10') OR "
-                "(split = 'train' AND metric IN ('elapsed_seconds', 'train_seconds'))) "
-                "AND run_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY run_id, epoch",
-                [ids],
-            ).to_pylist()
-        ndcg: dict[str, dict[int, float]] = defaultdict(dict)
-        secs: dict[str, dict[int, float]] = defaultdict(dict)
-        for r in curve:
-            if r["metric"] == "NDCG@10":
-                ndcg[r["run_id"]][r["epoch"]] = r["value"]
-            else:  # elapsed per epoch; the run's total at epoch -1
-                secs[r["run_id"]][r["epoch"]] = r["value"]
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for m, c in first.items():
-            offset = secs.get(c.pretrain_run or "", {}).get(-1, 0.0)
+            if not c.finetune_run:
+                continue
+            pre = valid_curve(c.pretrain_run, wh) if c.pretrain_run else []
+            offset = pre[-1].get("seconds", 0.0) if pre else 0.0  # pre-training's time
             pts = [
-                (offset + secs[c.finetune_run][e], v)
-                for e, v in sorted(ndcg.get(c.finetune_run or "", {}).items())
-                if e in secs.get(c.finetune_run or "", {})
+                (offset + p["seconds"], p["valid_ndcg10"])
+                for p in valid_curve(c.finetune_run, wh)
+                if "seconds" in p
             ]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=m)

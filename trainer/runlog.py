@@ -167,3 +167,27 @@ def load_checkpoint(
     if not path.is_file():
         raise RunError(f"run {run_id!r} has no checkpoint {path}")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def valid_curve(run_id: str, wh: WarehouseConfig | None) -> list[dict[str, float]]:
+    """A run's learning curve read back from `metrics`, epoch by epoch: {"epoch", "valid_ndcg10",
+    "seconds"}, seconds being training + validation since the run began (absent for an epoch
+    without an elapsed_seconds row). What time-to-quality benches and plots are drawn from."""
+    with store.connect(wh, create=False, read_only=True) as con:
+        rows = store.query(
+            con,
+            "SELECT epoch, metric, value FROM metrics WHERE run_id = ? AND subset = 'all' AND "
+            "epoch > 0 AND ((split = 'train' AND metric = 'elapsed_seconds') OR "
+            "(split = 'valid' AND metric = 'NDCG@10')) ORDER BY epoch",
+            [run_id],
+        ).to_pylist()
+    per: dict[int, dict[str, float]] = {}
+    for r in rows:
+        key = "seconds" if r["metric"] == "elapsed_seconds" else "valid_ndcg10"
+        per.setdefault(r["epoch"], {})[key] = r["value"]
+    keys = ("seconds", "valid_ndcg10")  # one key order, whatever order the rows came in
+    return [
+        {"epoch": e, **{k: per[e][k] for k in keys if k in per[e]}}
+        for e in sorted(per)
+        if "valid_ndcg10" in per[e]
+    ]
