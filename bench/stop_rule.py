@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from features import store  # noqa: E402
 from features.store import WarehouseConfig  # noqa: E402
-from trainer.runlog import valid_curve  # noqa: E402
+from trainer.runlog import valid_curves  # noqa: E402
 
 
 def stop(curve: list[tuple[int, float]], patience: int) -> tuple[float, int, int]:
@@ -42,14 +42,24 @@ def stop(curve: list[tuple[int, float]], patience: int) -> tuple[float, int, int
     return best, best_epoch, curve[-1][0]
 
 
-def curve_of(run_id: str, wh: WarehouseConfig) -> tuple[list[tuple[int, float]], int]:
-    """(validation NDCG@10 per epoch, the patience the run was trained with) of a run."""
+def curves_of(
+    run_ids: list[str], wh: WarehouseConfig
+) -> dict[str, tuple[list[tuple[int, float]], int]]:
+    """{run: (validation NDCG@10 per epoch, the patience the run was trained with)}, read in two
+    queries whatever the number of runs."""
     with store.connect(wh, create=False, read_only=True) as con:
-        row = con.execute("SELECT config FROM runs WHERE run_id = ?", [run_id]).fetchone()
-    if row is None:
-        raise SystemExit(f"no run {run_id!r} in this warehouse")
-    trained = int(json.loads(row[0])["finetune"]["patience"])
-    return [(int(c["epoch"]), c["valid_ndcg10"]) for c in valid_curve(run_id, wh)], trained
+        rows = con.execute(
+            "SELECT run_id, config FROM runs WHERE run_id IN (SELECT unnest(?::VARCHAR[]))",
+            [run_ids],
+        ).fetchall()
+    trained = {r: int(json.loads(c)["finetune"]["patience"]) for r, c in rows}
+    missing = [r for r in run_ids if r not in trained]
+    if missing:
+        raise SystemExit(f"no run {missing[0]!r} in this warehouse")
+    curves = valid_curves(run_ids, wh)
+    return {
+        r: ([(int(c["epoch"]), c["valid_ndcg10"]) for c in curves[r]], trained[r]) for r in run_ids
+    }
 
 
 def main() -> None:
@@ -68,8 +78,9 @@ def main() -> None:
     args = ap.parse_args()
     wh = WarehouseConfig(root=args.warehouse) if args.warehouse else WarehouseConfig()
     res: dict = {"patience": args.patience, "groups": {}}
+    every = curves_of(list(dict.fromkeys(r for _, *runs in args.group for r in runs)), wh)
     for name, *runs in args.group:
-        curves = {r: curve_of(r, wh) for r in runs}
+        curves = {r: every[r] for r in runs}
         group: dict = {"runs": runs}
         for p in args.patience:
             too_long = [r for r, (_, trained) in curves.items() if p > trained]

@@ -20,7 +20,7 @@ from trainer.config import Config, M2SEConfig
 from trainer.data import DataConfig, hold_out_items, load_dataset
 from trainer.experiments import BUDGETS, plan, run_key
 from trainer.model import M2SE
-from trainer.runlog import valid_curve
+from trainer.runlog import valid_curve, valid_curves
 from trainer.sasrec import SASRec
 from trainer.trainer import model_name, without_empty_modality
 
@@ -226,16 +226,22 @@ def test_report_cli_end_to_end_and_reuse(tmp_path: Path) -> None:
         models = dict(con.execute("SELECT run_id, model FROM runs").fetchall())
     sas = next(r["run_id"] for r in rows if r["model"] == "SASRec (ID)")
     assert models[sas] == "SASRec"
-    # The learning curve the time-to-quality plot is drawn from: the smoke budget's one epoch.
-    curve = valid_curve(sas, wh)
-    assert [c["epoch"] for c in curve] == [1] and curve[0]["seconds"] > 0, curve
-    with store.connect(wh, create=False, read_only=True) as con:
-        (valid,) = con.execute(
-            "SELECT value FROM metrics WHERE run_id = ? AND epoch = 1 AND split = 'valid' "
-            "AND subset = 'all' AND metric = 'NDCG@10'",
-            [sas],
-        ).fetchone()
-    assert curve[0]["valid_ndcg10"] == valid
+    # The learning curves the time-to-quality plot is drawn from, read in one query: the smoke
+    # budget's one epoch of each run, each run its own; a run without rows has none.
+    msm = next(r["run_id"] for r in rows if r["model"] == "MSM4SR")
+    curves = valid_curves([sas, msm, "x-no-such-run"], wh)
+    assert curves["x-no-such-run"] == [] and curves[sas] == valid_curve(sas, wh)
+    for run in (sas, msm):
+        curve = curves[run]
+        assert [c["epoch"] for c in curve] == [1] and curve[0]["seconds"] > 0, curve
+        with store.connect(wh, create=False, read_only=True) as con:
+            (valid,) = con.execute(
+                "SELECT value FROM metrics WHERE run_id = ? AND epoch = 1 AND split = 'valid' "
+                "AND subset = 'all' AND metric = 'NDCG@10'",
+                [run],
+            ).fetchone()
+        assert curve[0]["valid_ndcg10"] == valid
+    assert curves[sas] != curves[msm]
 
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -22,7 +22,7 @@ from features import store
 from features.store import WarehouseConfig
 from trainer.experiments import Budget, Cell
 from trainer.paired import PairedRows
-from trainer.runlog import RunError, git_commit, valid_curve
+from trainer.runlog import RunError, git_commit, valid_curves
 
 METRICS = ("NDCG@10", "NDCG@20", "Recall@10", "Recall@20")
 POPULARITY = "Popularity"
@@ -339,15 +339,18 @@ def _plots(
         for c in cells:
             if c.dataset == ds and c.variant.name in models and c.variant.name not in first:
                 first[c.variant.name] = c
+        curves = valid_curves(
+            [r for c in first.values() for r in (c.pretrain_run, c.finetune_run) if r], wh
+        )
         fig, ax = plt.subplots(figsize=(8, 4.5))
         for m, c in first.items():
             if not c.finetune_run:
                 continue
-            pre = valid_curve(c.pretrain_run, wh) if c.pretrain_run else []
+            pre = curves[c.pretrain_run] if c.pretrain_run else []
             offset = pre[-1].get("seconds", 0.0) if pre else 0.0  # pre-training's time
             pts = [
                 (offset + p["seconds"], p["valid_ndcg10"])
-                for p in valid_curve(c.finetune_run, wh)
+                for p in curves[c.finetune_run]
                 if "seconds" in p
             ]
             if pts:

@@ -169,25 +169,39 @@ def load_checkpoint(
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def valid_curve(run_id: str, wh: WarehouseConfig | None) -> list[dict[str, float]]:
-    """A run's learning curve read back from `metrics`, epoch by epoch: {"epoch", "valid_ndcg10",
-    "seconds"}, seconds being training + validation since the run began (absent for an epoch
-    without an elapsed_seconds row). What time-to-quality benches and plots are drawn from."""
+def valid_curves(
+    run_ids: list[str], wh: WarehouseConfig | None
+) -> dict[str, list[dict[str, float]]]:
+    """Runs' learning curves read back from `metrics` in one query, epoch by epoch:
+    {run_id: [{"epoch", "seconds", "valid_ndcg10"}, ...]}, seconds being training + validation
+    since the run began (absent for an epoch without an elapsed_seconds row). A run without any
+    validation row maps to []. What time-to-quality benches and plots are drawn from."""
+    if not run_ids:
+        return {}
     with store.connect(wh, create=False, read_only=True) as con:
         rows = store.query(
             con,
-            "SELECT epoch, metric, value FROM metrics WHERE run_id = ? AND subset = 'all' AND "
-            "epoch > 0 AND ((split = 'train' AND metric = 'elapsed_seconds') OR "
-            "(split = 'valid' AND metric = 'NDCG@10')) ORDER BY epoch",
-            [run_id],
+            "SELECT run_id, epoch, metric, value FROM metrics "
+            "WHERE run_id IN (SELECT unnest(?::VARCHAR[])) AND subset = 'all' AND epoch > 0 "
+            "AND ((split = 'train' AND metric = 'elapsed_seconds') OR "
+            "(split = 'valid' AND metric = 'NDCG@10'))",
+            [list(run_ids)],
         ).to_pylist()
-    per: dict[int, dict[str, float]] = {}
+    per: dict[str, dict[int, dict[str, float]]] = {r: {} for r in run_ids}
     for r in rows:
         key = "seconds" if r["metric"] == "elapsed_seconds" else "valid_ndcg10"
-        per.setdefault(r["epoch"], {})[key] = r["value"]
+        per[r["run_id"]].setdefault(r["epoch"], {})[key] = r["value"]
     keys = ("seconds", "valid_ndcg10")  # one key order, whatever order the rows came in
-    return [
-        {"epoch": e, **{k: per[e][k] for k in keys if k in per[e]}}
-        for e in sorted(per)
-        if "valid_ndcg10" in per[e]
-    ]
+    return {
+        run: [
+            {"epoch": e, **{k: ep[e][k] for k in keys if k in ep[e]}}
+            for e in sorted(ep)
+            if "valid_ndcg10" in ep[e]
+        ]
+        for run, ep in per.items()
+    }
+
+
+def valid_curve(run_id: str, wh: WarehouseConfig | None) -> list[dict[str, float]]:
+    """One run's learning curve: `valid_curves` of one run."""
+    return valid_curves([run_id], wh)[run_id]
