@@ -7,6 +7,9 @@ its validation curve at the first epoch ending P epochs in a row without a bette
 bench does that for groups of finished fine-tuning runs (validation NDCG@10 from the `metrics`
 table, nothing else trained, test never read) and prints, per group and patience, the best
 validation NDCG@10 of each run, their mean, and the epochs each run would have trained.
+`--min-delta D ...` adds a rule the trainer does not have: an epoch resets the patience only if
+it beats the last epoch that did by more than D (relative), so a curve that creeps up by tiny
+gains after its lr halvings stops sooner; it never stops later, so it too is read off the curve.
 
     .venv/bin/python bench/stop_rule.py --warehouse W --group "SASRec constant" RUN RUN ... \
         --group "SASRec x0.5 after 2" RUN RUN ...
@@ -29,12 +32,21 @@ from features.store import WarehouseConfig  # noqa: E402
 from trainer.runlog import valid_curves  # noqa: E402
 
 
-def stop(curve: list[tuple[int, float]], patience: int) -> tuple[float, int, int]:
-    """(best score, its epoch, the epoch training stops at) under `patience`."""
-    best, best_epoch, bad = float("-inf"), 0, 0
+def stop(
+    curve: list[tuple[int, float]], patience: int, min_delta: float = 0.0
+) -> tuple[float, int, int]:
+    """(best score, its epoch, the epoch training stops at) under `patience`: stop after
+    `patience` epochs in a row that do not beat, by more than `min_delta` (relative), the score of
+    the last epoch that did. The best score and its epoch are the best of all epochs up to the
+    stop (what the checkpoint keeps). With min_delta 0 this is the trainer's rule; with more it
+    stops no later (every epoch it counts as better is better than the best so far), so it is
+    still exactly the shorter run of a logged curve."""
+    best, best_epoch, ref, bad = float("-inf"), 0, float("-inf"), 0
     for epoch, score in curve:
         if score > best:
-            best, best_epoch, bad = score, epoch, 0
+            best, best_epoch = score, epoch
+        if score > ref * (1 + min_delta):  # ref starts at -inf: the first epoch counts
+            ref, bad = score, 0
         else:
             bad += 1
             if bad >= patience:
@@ -74,10 +86,19 @@ def main() -> None:
         help="a group's name, then its fine-tuning run ids",
     )
     ap.add_argument("--patience", type=int, nargs="+", default=[10, 5, 3])
+    ap.add_argument(
+        "--min-delta",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="relative gains an epoch must exceed to reset the patience (0: any gain)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stop-rule.json")
     args = ap.parse_args()
     wh = WarehouseConfig(root=args.warehouse) if args.warehouse else WarehouseConfig()
-    res: dict = {"patience": args.patience, "groups": {}}
+    if any(d < 0 for d in args.min_delta):
+        raise SystemExit("--min-delta must be >= 0")
+    res: dict = {"patience": args.patience, "min_delta": args.min_delta, "groups": {}}
     every = curves_of(list(dict.fromkeys(r for _, *runs in args.group for r in runs)), wh)
     for name, *runs in args.group:
         curves = {r: every[r] for r in runs}
@@ -86,20 +107,22 @@ def main() -> None:
             too_long = [r for r, (_, trained) in curves.items() if p > trained]
             if too_long:
                 raise SystemExit(f"{too_long} trained with a patience below {p}")
-            stops = [stop(c, p) for c, _ in curves.values()]
-            best = [round(s[0], 4) for s in stops]
-            group[f"patience_{p}"] = {
-                "best_valid_ndcg10": best,
-                "mean": round(sum(best) / len(best), 4),
-                "best_epoch": [s[1] for s in stops],
-                "epochs_trained": [s[2] for s in stops],
-                "epochs_total": sum(s[2] for s in stops),
-            }
-            g = group[f"patience_{p}"]
-            print(
-                f"{name:28s} patience {p:2d}: best valid NDCG@10 {best} mean {g['mean']:.4f}, "
-                f"epochs {g['epochs_trained']} (total {g['epochs_total']})"
-            )
+            for d in args.min_delta:
+                stops = [stop(c, p, d) for c, _ in curves.values()]
+                best = [round(s[0], 4) for s in stops]
+                key = f"patience_{p}" + (f"_min_delta_{d:g}" if d else "")
+                g = group[key] = {
+                    "best_valid_ndcg10": best,
+                    "mean": round(sum(best) / len(best), 4),
+                    "best_epoch": [s[1] for s in stops],
+                    "epochs_trained": [s[2] for s in stops],
+                    "epochs_total": sum(s[2] for s in stops),
+                }
+                print(
+                    f"{name:28s} patience {p:2d} min_delta {d:<6g}: best valid NDCG@10 {best} "
+                    f"mean {g['mean']:.4f}, epochs {g['epochs_trained']} "
+                    f"(total {g['epochs_total']})"
+                )
         res["groups"][name] = group
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
