@@ -399,6 +399,7 @@ def write_report(
     root: Path = Path("reports"),
 ) -> Path:
     """Write reports/<name>/{report.md, metrics.csv, *.png}; returns the report.md path."""
+    commit = git_commit()  # before writing: re-writing a committed report is not a dirty tree
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(cells, wh)
@@ -431,7 +432,7 @@ def write_report(
         "",
         f"- Command: `{command}`",
         f"- Machine: {machine()}",
-        f"- Finished: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, git {git_commit()}, "
+        f"- Finished: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, git {commit}, "
         f"wall time of this invocation {seconds / 60:.1f} min (reused runs cost nothing); "
         f"training time of all {len(run_ids)} "
         f"runs behind it {train_min:.0f} min (sum of their `runs` rows)",
