@@ -371,11 +371,13 @@ def _plots(
 
 
 def _training_minutes(ids: list[str], wh: WarehouseConfig | None) -> float:
-    """Sum of finished_at - started_at of the runs `ids`."""
+    """Sum of the runs' `train_seconds` (training + validation, as each row's `train s`; a run
+    resumed in a later sitting does not count the time between its sittings)."""
     with store.connect(wh, create=False, read_only=True) as con:
         secs = con.execute(
-            "SELECT coalesce(sum(epoch(finished_at - started_at)), 0) FROM runs "
-            "WHERE run_id IN (SELECT unnest(?::VARCHAR[]))",
+            "SELECT coalesce(sum(value), 0) FROM metrics WHERE epoch = -1 AND split = 'train' "
+            "AND subset = 'all' AND metric = 'train_seconds' "
+            "AND run_id IN (SELECT unnest(?::VARCHAR[]))",
             [ids],
         ).fetchone()
     return float(secs[0]) / 60
@@ -435,7 +437,7 @@ def write_report(
         f"- Finished: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, git {commit}, "
         f"wall time of this invocation {seconds / 60:.1f} min (reused runs cost nothing); "
         f"training time of all {len(run_ids)} "
-        f"runs behind it {train_min:.0f} min (sum of their `runs` rows)",
+        f"runs behind it {train_min:.0f} min (sum of their `train_seconds`)",
         f"- {budget.describe()}",
         "- Metrics: full ranking over all items, leave-one-out test split, best epoch by validation "
         "NDCG@10 (nothing is chosen on test); mean ± std over seeds. `best epoch` (of fine-tuning) "
