@@ -49,3 +49,13 @@ def test_untrained_rows_and_small_subsets_are_not_judged() -> None:
     rows = _rows("MSM4SR", "a", 0.2, 0.2, n_cold=40) + _rows("SASRec (ID)", "b", 0.1, 0.1)
     line = _line(targets(summarise(rows), ["d"], runs_of(rows)), "MSM4SR", "SASRec (ID)", "cold")
     assert "not judged: fewer than 100 test cases" in line
+
+
+def test_zero_against_zero_is_no_gain_not_plus_zero() -> None:
+    rows = _rows("MSM4SR", "a", 0.0, 0.0) + _rows("SASRec (ID)", "b", 0.0, 0.0)
+    line = _line(targets(summarise(rows), ["d"], runs_of(rows)), "MSM4SR", "SASRec (ID)")
+    assert "NDCG@10 0.0000 vs 0 (no gain: both 0)" in line and "+0.0%" not in line, line
+    assert line.endswith("**NOT reached**")
+    rows = _rows("MSM4SR", "a", 0.01, 0.02) + _rows("SASRec (ID)", "b", 0.0, 0.0)
+    line = _line(targets(summarise(rows), ["d"], runs_of(rows)), "MSM4SR", "SASRec (ID)")
+    assert "NDCG@10 0.0100 vs 0 (+inf%)" in line and line.endswith("**reached**"), line

@@ -206,6 +206,9 @@ def paired_intervals(
                 continue
             if not all(subset in v for v in [*a.values(), *b.values()]):
                 continue  # a subset with no cases
+            if not any(v[subset] for v in [*a.values(), *b.values()]):
+                out[(ds, ours, ref, subset)] = "no paired interval: both rows score 0"
+                continue
             try:
                 gain, low, high = paired.gain(a, b, subset)
             except RunError as e:
@@ -243,15 +246,18 @@ def targets(
                     continue
                 if b[0] > 0:
                     gains.append((k, (a[0] - b[0]) / b[0], f"{a[0]:.4f} vs {b[0]:.4f}"))
-                else:  # the reference scores 0: any hit is an infinite relative gain
-                    gains.append((k, math.inf if a[0] > 0 else 0.0, f"{a[0]:.4f} vs 0"))
+                else:  # the reference scores 0: any hit is an infinite relative gain, none none
+                    gains.append((k, math.inf if a[0] > 0 else math.nan, f"{a[0]:.4f} vs 0"))
             if not gains:
                 lines.append(f"- {ds}, {subset}: {ours} vs {ref}: not measured")
                 continue
             n = summary.get((ds, ours, "test", subset, "n_cases"))
             cases = f", {int(n[0])} test cases" if n else ""
             ok = all(g >= need for k, g, _ in gains if k == JUDGED_METRIC)
-            detail = ", ".join(f"{k} {t} ({g:+.1%})" for k, g, t in gains)
+            detail = ", ".join(
+                f"{k} {t} ({'no gain: both 0' if math.isnan(g) else format(g, '+.1%')})"
+                for k, g, t in gains
+            )
             untrained = [m for m in (ours, ref) if not converged(summary, ds, m)]
             mine, theirs = runs.get((ds, ours)), runs.get((ds, ref))
             if mine and mine == theirs:
