@@ -7,9 +7,12 @@ its validation curve at the first epoch ending P epochs in a row without a bette
 bench does that for groups of finished fine-tuning runs (validation NDCG@10 from the `metrics`
 table, nothing else trained, test never read) and prints, per group and patience, the best
 validation NDCG@10 of each run, their mean, and the epochs each run would have trained.
-`--min-delta D ...` adds a rule the trainer does not have: an epoch resets the patience only if
-it beats the last epoch that did by more than D (relative), so a curve that creeps up by tiny
-gains after its lr halvings stops sooner; it never stops later, so it too is read off the curve.
+`--min-delta D ...` reads off the trainer's `min_delta` (0 by default): an epoch resets the patience
+only if it beats the last epoch that did by more than D (relative), so a curve that creeps up by
+tiny gains after its lr halvings stops sooner; it never stops later, so it too is read off the
+curve. `--trained LOGGED SHORTER` checks the reading against a run actually trained with a
+smaller patience or a min_delta (else the same config): its curve must be the logged one cut at
+the predicted stop.
 
     .venv/bin/python bench/stop_rule.py --warehouse W --group "SASRec constant" RUN RUN ... \
         --group "SASRec x0.5 after 2" RUN RUN ...
@@ -64,13 +67,36 @@ def curves_of(
             "SELECT run_id, config FROM runs WHERE run_id IN (SELECT unnest(?::VARCHAR[]))",
             [run_ids],
         ).fetchall()
-    trained = {r: int(json.loads(c)["finetune"]["patience"]) for r, c in rows}
-    missing = [r for r in run_ids if r not in trained]
+    stopping = {r: _stopping(json.loads(c)["finetune"]) for r, c in rows}
+    missing = [r for r in run_ids if r not in stopping]
     if missing:
         raise SystemExit(f"no run {missing[0]!r} in this warehouse")
     curves = valid_curves(run_ids, wh)
     return {
-        r: ([(int(c["epoch"]), c["valid_ndcg10"]) for c in curves[r]], trained[r]) for r in run_ids
+        r: ([(int(c["epoch"]), c["valid_ndcg10"]) for c in curves[r]], *stopping[r])
+        for r in run_ids
+    }
+
+
+def _stopping(finetune: dict) -> tuple[int, float]:
+    """(patience, min_delta) a run was trained with (min_delta 0 before it existed)."""
+    return int(finetune["patience"]), float(finetune.get("min_delta", 0.0))
+
+
+def check_trained(
+    logged: tuple[list[tuple[int, float]], int, float],
+    shorter: tuple[list[tuple[int, float]], int, float],
+) -> dict:
+    """Does a run trained with (patience, min_delta) hold the logged curve cut where `stop` says?"""
+    curve, patience, min_delta = shorter
+    best, best_epoch, stop_epoch = stop(logged[0], patience, min_delta)
+    want = [(e, v) for e, v in logged[0] if e <= stop_epoch]
+    return {
+        "patience": patience,
+        "min_delta": min_delta,
+        "predicted": {"best": round(best, 4), "best_epoch": best_epoch, "epochs": stop_epoch},
+        "trained_epochs": len(curve),
+        "curve_is_the_cut_logged_curve": curve == want,
     }
 
 
@@ -93,22 +119,33 @@ def main() -> None:
         default=[0.0],
         help="relative gains an epoch must exceed to reset the patience (0: any gain)",
     )
+    ap.add_argument(
+        "--trained",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("LOGGED", "SHORTER"),
+        help="a logged run and one trained with a smaller patience or a min_delta (checked)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "stop-rule.json")
     args = ap.parse_args()
     wh = WarehouseConfig(root=args.warehouse) if args.warehouse else WarehouseConfig()
     if any(d < 0 for d in args.min_delta):
         raise SystemExit("--min-delta must be >= 0")
     res: dict = {"patience": args.patience, "min_delta": args.min_delta, "groups": {}}
-    every = curves_of(list(dict.fromkeys(r for _, *runs in args.group for r in runs)), wh)
+    wanted = [r for _, *runs in args.group for r in runs] + [
+        r for pair in args.trained for r in pair
+    ]
+    every = curves_of(list(dict.fromkeys(wanted)), wh)
     for name, *runs in args.group:
         curves = {r: every[r] for r in runs}
         group: dict = {"runs": runs}
         for p in args.patience:
-            too_long = [r for r, (_, trained) in curves.items() if p > trained]
+            too_long = [r for r, (_, trained, _) in curves.items() if p > trained]
             if too_long:
                 raise SystemExit(f"{too_long} trained with a patience below {p}")
             for d in args.min_delta:
-                stops = [stop(c, p, d) for c, _ in curves.values()]
+                stops = [stop(c, p, d) for c, _, _ in curves.values()]
                 best = [round(s[0], 4) for s in stops]
                 key = f"patience_{p}" + (f"_min_delta_{d:g}" if d else "")
                 g = group[key] = {
@@ -124,6 +161,18 @@ def main() -> None:
                     f"(total {g['epochs_total']})"
                 )
         res["groups"][name] = group
+    if args.trained:
+        res["trained"] = {}
+    for logged, shorter in args.trained:
+        chk = res["trained"][shorter] = {
+            "logged": logged,
+            **check_trained(every[logged], every[shorter]),
+        }
+        print(
+            f"{shorter} (patience {chk['patience']}, min_delta {chk['min_delta']:g}): "
+            f"{chk['trained_epochs']} epochs, predicted from {logged} {chk['predicted']}; "
+            f"its curve is the logged one cut there: {chk['curve_is_the_cut_logged_curve']}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")

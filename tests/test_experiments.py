@@ -156,6 +156,10 @@ def test_run_ids_follow_the_configuration() -> None:
         }
     )
     assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, old, None)
+    # So does min_delta: off (0), the ids are those of before it existed; on, a setting.
+    md = Config.from_dict({"data": {"dataset": "x"}, "finetune": {"min_delta": 0.001}})
+    assert run_key("finetune", "x", 1, a, None) != run_key("finetune", "x", 1, md, None)
+    assert run_key("pretrain", "x", 1, a, None) == run_key("pretrain", "x", 1, md, None)
     parent = "x-pre-x-s1-5c4ce80537"
     assert run_key("finetune", "x", 1, old, parent) == "x-fin-x-s1-48d48e37f0"
     assert run_key("pretrain", "x", 1, a, None) == "x-pre-x-s1-5c4ce80537"

@@ -37,3 +37,21 @@ def test_min_delta_never_stops_later(patience: int, min_delta: float) -> None:
     curve = [(e, 0.1 + 0.01 * ((e * 7) % 5) + 0.002 * e) for e in range(1, 40)]
     plain, late = stop_rule.stop(curve, patience), stop_rule.stop(curve, patience, min_delta)
     assert late[2] <= plain[2] and late[0] <= plain[0]
+
+
+def test_a_trained_run_is_checked_against_the_logged_curve_cut_at_its_stop() -> None:
+    logged = (CREEP, 10, 0.0)
+    # trained with patience 2, min_delta 1%: the logged curve up to epoch 4
+    assert stop_rule.check_trained(logged, (CREEP[:4], 2, 0.01)) == {
+        "patience": 2,
+        "min_delta": 0.01,
+        "predicted": {"best": 0.1202, "best_epoch": 4, "epochs": 4},
+        "trained_epochs": 4,
+        "curve_is_the_cut_logged_curve": True,
+    }
+    # one epoch too many, or a different score, is not the predicted run
+    assert not stop_rule.check_trained(logged, (CREEP[:5], 2, 0.01))[
+        "curve_is_the_cut_logged_curve"
+    ]
+    other = [*CREEP[:3], (4, 0.1203)]
+    assert not stop_rule.check_trained(logged, (other, 2, 0.01))["curve_is_the_cut_logged_curve"]

@@ -339,6 +339,86 @@ def test_the_lr_decays_after_each_plateau_of_decay_patience_epochs(wh) -> None:
     assert constant.opt.param_groups[0]["lr"] == constant.tcfg.lr
 
 
+def test_min_delta_stops_on_real_gains_while_the_best_epoch_and_lr_follow_every_gain(wh) -> None:
+    from trainer.data import load_dataset
+    from trainer.trainer import Trainer
+
+    cfg = _cfg(
+        model={"arch": "sasrec"},
+        finetune={"lr_decay": 0.5, "decay_patience": 2, "min_delta": 0.1},
+    )
+    tr = Trainer(cfg, load_dataset(cfg.data, wh), "finetune", wh)
+    lr0 = tr.opt.param_groups[0]["lr"]
+    seen = []
+    # 0.105 and 0.109 are better scores but within 10% of the 0.10 that last reset the count;
+    # 0.12 is a real gain (> 0.11).
+    for epoch, score in enumerate([0.10, 0.105, 0.109, 0.12, 0.125, 0.125, 0.13], start=1):
+        best = tr.record_score(score, epoch)
+        seen.append((best, tr.stale_epochs, tr.bad_epochs, tr.opt.param_groups[0]["lr"] / lr0))
+    assert seen == [
+        (True, 0, 0, 1.0),
+        (True, 1, 0, 1.0),
+        (True, 2, 0, 1.0),
+        (True, 0, 0, 1.0),
+        (True, 1, 0, 1.0),
+        (False, 2, 1, 1.0),
+        (True, 3, 0, 1.0),
+    ]
+    assert (tr.best, tr.best_epoch, tr.stop_ref) == (0.13, 7, 0.12)
+    # Without min_delta the two counts are one.
+    plain = Trainer(_cfg(model={"arch": "sasrec"}), load_dataset(cfg.data, wh), "finetune", wh)
+    for epoch, score in enumerate([0.10, 0.105, 0.104, 0.2, 0.19], start=1):
+        plain.record_score(score, epoch)
+        assert plain.stale_epochs == plain.bad_epochs
+
+
+@pytest.mark.parametrize(("patience", "min_delta"), [(2, 0.0), (2, 0.01), (3, 0.001), (4, 0.01)])
+def test_the_trainers_stop_is_the_one_bench_stop_rule_reads_off_a_curve(
+    wh, patience: int, min_delta: float
+) -> None:
+    """bench/stop_rule.py predicts shorter runs from logged curves with this rule."""
+    import importlib.util
+
+    from trainer.data import load_dataset
+    from trainer.trainer import Trainer
+
+    spec = importlib.util.spec_from_file_location(
+        "stop_rule", Path(__file__).resolve().parents[1] / "bench" / "stop_rule.py"
+    )
+    stop_rule = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stop_rule)
+    cfg = _cfg(model={"arch": "sasrec"}, finetune={"patience": patience, "min_delta": min_delta})
+    data = load_dataset(cfg.data, wh)
+    jumpy = [(e, 0.1 + 0.01 * ((e * 7) % 5) + 0.002 * e) for e in range(1, 40)]
+    creep = [(e, 0.1 + 0.03 * (1 - 0.8**e) + 0.001 * (e % 3 == 0)) for e in range(1, 40)]
+    for curve in (jumpy, creep):
+        tr = Trainer(cfg, data, "finetune", wh)
+        for epoch, score in curve:
+            tr.record_score(score, epoch)
+            if tr.stale_epochs >= patience:  # the fit loop's condition
+                break
+        assert (tr.best, tr.best_epoch, epoch) == stop_rule.stop(curve, patience, min_delta)
+
+
+def test_a_run_with_min_delta_stops_after_patience_epochs_without_a_real_gain(wh) -> None:
+    """No later epoch beats the first by 1e6 times: the run stops after 1 + patience epochs and
+    still evaluates its best epoch, whichever that was."""
+    cfg = _cfg(
+        model={"arch": "sasrec"},
+        finetune={"max_epochs": 10, "patience": 2, "min_delta": 1e6, "lr": 2e-3},
+    )
+    res = finetune(cfg, wh)
+    assert res.epochs_run == 3
+    with store.connect(wh, create=False, read_only=True) as con:
+        curve = con.execute(
+            "SELECT epoch, value FROM metrics WHERE run_id = ? AND split = 'valid' "
+            "AND subset = 'all' AND metric = 'NDCG@10' AND epoch > 0 ORDER BY epoch",
+            [res.run_id],
+        ).fetchall()
+    assert [e for e, _ in curve] == [1, 2, 3]
+    assert res.best_epoch == max(curve, key=lambda r: (r[1], -r[0]))[0]
+
+
 def test_finetune_keeps_the_pretrained_shape_and_takes_its_own_regularisation(wh, trained) -> None:
     """Fine-tuning from a pre-training run: the network's shape comes from that run, dropouts
     and the ID embedding's init from the fine-tuning config (they change no weight's shape)."""

@@ -179,6 +179,8 @@ def _strip(cfg: Config) -> dict[str, Any]:
     for stage in ("pretrain", "finetune"):
         if d[stage]["lr_decay"] == 1.0:  # constant lr: ids as before the lr decay existed
             del d[stage]["lr_decay"], d[stage]["decay_patience"]
+        if d[stage]["min_delta"] == 0.0:  # any better score resets the patience: ids as before
+            del d[stage]["min_delta"]
     return d
 
 

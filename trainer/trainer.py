@@ -180,7 +180,11 @@ class Trainer:
         self.epoch = 0  # last finished epoch
         self.best = -math.inf
         self.best_epoch = 0
-        self.bad_epochs = 0
+        self.bad_epochs = 0  # epochs in a row without a better score (the lr schedule)
+        # Early stopping: the score of the last epoch that beat its predecessor by > min_delta,
+        # and the epochs since (equal to best / bad_epochs when min_delta is 0).
+        self.stop_ref = -math.inf
+        self.stale_epochs = 0
         self.elapsed = 0.0  # wall seconds of the finished epochs (training + validation)
         self.runlog = RunLog(
             wh,
@@ -262,6 +266,8 @@ class Trainer:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
+            "stop_ref": self.stop_ref,
+            "stale_epochs": self.stale_epochs,
             "elapsed": self.elapsed,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -299,6 +305,9 @@ class Trainer:
             st["best_epoch"],
             st["bad_epochs"],
         )
+        # A checkpoint from before min_delta existed stopped on bad_epochs alone.
+        self.stop_ref = float(st.get("stop_ref", self.best))
+        self.stale_epochs = int(st.get("stale_epochs", self.bad_epochs))
         self.elapsed = float(st.get("elapsed", 0.0))
         self.runlog.history = list(st["history"])
         self.runlog.row.update({k: st["run_row"][k] for k in ("started_at", "git_commit")})
@@ -393,8 +402,14 @@ class Trainer:
     def record_score(self, score: float, epoch: int) -> bool:
         """Early-stopping bookkeeping of one epoch's validation score; True if it is the best so
         far. Every `decay_patience` epochs in a row without one, the lr is multiplied by
-        `lr_decay` (the lr lives in the optimizer's state, so a resumed run keeps it)."""
+        `lr_decay` (the lr lives in the optimizer's state, so a resumed run keeps it). Early
+        stopping counts the epochs since the last one that beat its reference by more than
+        `min_delta` (relative): with 0, the epochs without a better score."""
         t = self.tcfg
+        if score > self.stop_ref * (1 + t.min_delta):  # stop_ref starts at -inf
+            self.stop_ref, self.stale_epochs = score, 0
+        else:
+            self.stale_epochs += 1
         if score > self.best:
             self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
             return True
@@ -414,7 +429,7 @@ class Trainer:
         try:
             while (
                 self.epoch < t.max_epochs
-                and self.bad_epochs < t.patience
+                and self.stale_epochs < t.patience
                 and self._epoch_fits(t.max_seconds)
             ):
                 epoch = self.epoch + 1
