@@ -1,9 +1,11 @@
-"""Step bench: seconds per training step on CPU, CPU dropout kernel vs torch's, side by side.
+"""Step bench: seconds per training step on CPU, CPU dropout kernel vs torch's, fp32 vs bf16.
 
 Times, in one process, the median of N optimizer steps of M2SE fine-tuning (text+image), M2SE
 pre-training and SASRec fine-tuning on a dataset's real features, once with the trainer's CPU
 dropout (`trainer.layers.dropout`: uniform >= p) and once with `torch.nn.functional.dropout`
 (bernoulli_) patched in; plus the two dropout kernels alone on the adaptor's [items, 8, 64] shape.
+Then the same steps under CPU bf16 autocast (`--set runtime.amp=bf16`: matrix products in
+bfloat16, weights and softmax in float32), against fp32, with whether this CPU has native bf16.
 
     .venv/bin/python bench/step.py                  # --dataset ml-1m --batch 2048 --steps 7
 
@@ -112,6 +114,17 @@ def main() -> None:
             f"{name}: {native:.3f} s with torch's dropout, {fast:.3f} s with the trainer's ({native / fast:.2f}x)"
         )
 
+    bf16: dict[str, dict[str, float]] = {}
+    for name, fn in fns.items():
+
+        def under_bf16(fn: Callable[[], object] = fn) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fn()
+
+        fp32, half = median_seconds(fn, args.steps), median_seconds(under_bf16, args.steps)
+        bf16[name] = {"fp32_s": fp32, "bf16_autocast_s": half, "speedup": fp32 / half}
+        print(f"{name}: {fp32:.3f} s fp32, {half:.3f} s bf16 autocast ({fp32 / half:.2f}x)")
+
     result = {
         "dataset": args.dataset,
         "batch_targets": args.batch,
@@ -121,6 +134,9 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "dropout_kernel_s": kernels,
         "step_seconds": steps,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "bf16_step_seconds": bf16,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -181,8 +181,8 @@ class Trainer:
         self.best = -math.inf
         self.best_epoch = 0
         self.bad_epochs = 0  # epochs in a row without a better score (the lr schedule)
-        # Early stopping: the score of the last epoch that beat its predecessor by > min_delta,
-        # and the epochs since (equal to best / bad_epochs when min_delta is 0).
+        # Early stopping: the score of the last epoch that reset the patience (it beat the one
+        # before it that did by > min_delta), and the epochs since (best / bad_epochs when 0).
         self.stop_ref = -math.inf
         self.stale_epochs = 0
         self.elapsed = 0.0  # wall seconds of the finished epochs (training + validation)
