@@ -377,16 +377,10 @@ def test_the_trainers_stop_is_the_one_bench_stop_rule_reads_off_a_curve(
     wh, patience: int, min_delta: float
 ) -> None:
     """bench/stop_rule.py predicts shorter runs from logged curves with this rule."""
-    import importlib.util
-
+    from tests.test_stop_rule import stop_rule
     from trainer.data import load_dataset
     from trainer.trainer import Trainer
 
-    spec = importlib.util.spec_from_file_location(
-        "stop_rule", Path(__file__).resolve().parents[1] / "bench" / "stop_rule.py"
-    )
-    stop_rule = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stop_rule)
     cfg = _cfg(model={"arch": "sasrec"}, finetune={"patience": patience, "min_delta": min_delta})
     data = load_dataset(cfg.data, wh)
     jumpy = [(e, 0.1 + 0.01 * ((e * 7) % 5) + 0.002 * e) for e in range(1, 40)]
